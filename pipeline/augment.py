@@ -1,0 +1,291 @@
+"""Student-side augmented views, keyed by (run seed, epoch, image id).
+
+Every view of a synthetic image is a pure function of ``(run_seed, epoch, image_id)``: a random-resized
+crop + horizontal flip of the image, optionally mixed (CutMix or Mixup) with a crop of a partner image.
+Because nothing depends on the batch, the sampler, the batch size or the number of DDP ranks, the relabel
+stage can render exactly the views the student will see and store the teacher's soft labels for them,
+keyed by image id and epoch. The teacher labels the *mixed* view itself, so no label interpolation is needed.
+
+Two halves:
+
+- ``draw_view`` / ``draw_views``: the random parameters (``ViewParams``), all drawn from
+  ``generator(run_seed, "view", epoch, image_id)``. Fractions and ``lam`` are rounded to float32 when drawn,
+  so that parameters stored in float32 columns (see ``pipeline.softlabels``) round-trip exactly.
+- ``render_view`` / ``render_batch``: apply the parameters to image tensors; deterministic, no randomness.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.seeding import generator
+
+MIX_MODES = ("cutmix", "mixup", "none")
+# Aspect-ratio range of the random-resized crop, as torchvision's RandomResizedCrop default.
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+CROP_TRIES = 10
+
+NO_BOX: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+NO_CUT: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """How student views are drawn.
+
+    resolution: output side in pixels (CutMix rectangles are in these pixels).
+    crop_scale: area range of the random-resized crop, as a fraction of the source.
+    mix: "cutmix", "mixup" or "none".
+    mix_alpha: lambda ~ Beta(mix_alpha, mix_alpha).
+    mix_prob: probability that a view is mixed at all.
+    """
+
+    resolution: int
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    mix: str = "cutmix"
+    mix_alpha: float = 1.0
+    mix_prob: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.resolution, int) or isinstance(self.resolution, bool) or self.resolution < 1:
+            raise ValueError(f"ViewConfig.resolution must be a positive int, got {self.resolution!r}")
+        if len(self.crop_scale) != 2:
+            raise ValueError(f"ViewConfig.crop_scale must be (low, high), got {self.crop_scale!r}")
+        lo, hi = (float(s) for s in self.crop_scale)
+        if not (0.0 < lo <= hi <= 1.0):
+            raise ValueError(
+                f"ViewConfig.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale!r}"
+            )
+        object.__setattr__(self, "crop_scale", (lo, hi))
+        if self.mix not in MIX_MODES:
+            raise ValueError(f"ViewConfig.mix must be one of {MIX_MODES}, got {self.mix!r}")
+        if not (math.isfinite(self.mix_alpha) and self.mix_alpha > 0.0):
+            raise ValueError(f"ViewConfig.mix_alpha must be > 0, got {self.mix_alpha!r}")
+        if not (0.0 <= self.mix_prob <= 1.0):
+            raise ValueError(f"ViewConfig.mix_prob must be in [0, 1], got {self.mix_prob!r}")
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """The random parameters of one view.
+
+    box: crop of the image (top, left, height, width), fractions of the source size.
+    flip: horizontal flip of the image crop.
+    partner: image id of the mix partner, -1 if the view is not mixed.
+    partner_box: crop of the partner, fractions; (0, 0, 0, 0) if not mixed.
+    partner_flip: horizontal flip of the partner crop.
+    lam: share of the final view that comes from the image itself (after CutMix clipping); 1.0 if not mixed.
+    cut: CutMix rectangle in output pixels (y0, x0, y1, x1), half-open; (0, 0, 0, 0) if none.
+    """
+
+    box: tuple[float, float, float, float]
+    flip: bool
+    partner: int = -1
+    partner_box: tuple[float, float, float, float] = NO_BOX
+    partner_flip: bool = False
+    lam: float = 1.0
+    cut: tuple[int, int, int, int] = NO_CUT
+
+    @property
+    def mixed(self) -> bool:
+        """True when the view blends in a partner image."""
+        return self.partner >= 0
+
+
+def _f32(x: float) -> float:
+    """Round to the nearest float32 (so float32 storage round-trips exactly)."""
+    return float(np.float32(x))
+
+
+def _uniform(g: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> float:
+    u = torch.rand((), generator=g, dtype=torch.float64).item()
+    return lo + (hi - lo) * u
+
+
+def _randint(g: torch.Generator, high: int) -> int:
+    """Uniform integer in [0, high)."""
+    return int(torch.randint(high, (), generator=g).item())
+
+
+def _gamma(g: torch.Generator, alpha: float) -> float:
+    """Gamma(alpha, 1) by Marsaglia-Tsang, from the generator's uniforms and normals only."""
+    if alpha < 1.0:
+        u = _uniform(g)
+        return _gamma(g, alpha + 1.0) * u ** (1.0 / alpha)
+    d = alpha - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    while True:
+        x = torch.randn((), generator=g, dtype=torch.float64).item()
+        v = 1.0 + c * x
+        if v <= 0.0:
+            continue
+        v = v * v * v
+        u = _uniform(g)
+        if u < 1.0 - 0.0331 * x**4 or (u > 0.0 and math.log(u) < 0.5 * x * x + d * (1.0 - v + math.log(v))):
+            return d * v
+
+
+def _beta(g: torch.Generator, alpha: float) -> float:
+    """Beta(alpha, alpha) as X / (X + Y) with X, Y ~ Gamma(alpha)."""
+    x = _gamma(g, alpha)
+    y = _gamma(g, alpha)
+    s = x + y
+    if s <= 0.0:  # both underflowed (tiny alpha): the distribution is then almost all at 0 and 1
+        return 0.5
+    return min(max(x / s, 0.0), 1.0)
+
+
+def _crop_box(g: torch.Generator, scale: tuple[float, float]) -> tuple[float, float, float, float]:
+    """RandomResizedCrop sampling in fractions of a (square) source: (top, left, height, width).
+
+    As torchvision: target area ~ U(scale), log aspect ratio ~ U(log 3/4, log 4/3), up to 10 tries for a
+    box that fits, the position uniform; otherwise the central crop, which for a square source (the synthetic
+    images) is the whole image. No pixel rounding here; ``render_view`` rounds to the source's pixels.
+    """
+    log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    for _ in range(CROP_TRIES):
+        area = _uniform(g, scale[0], scale[1])
+        ratio = math.exp(_uniform(g, log_lo, log_hi))
+        w = math.sqrt(area * ratio)
+        h = math.sqrt(area / ratio)
+        if 0.0 < w <= 1.0 and 0.0 < h <= 1.0:
+            top = _uniform(g, 0.0, 1.0 - h)
+            left = _uniform(g, 0.0, 1.0 - w)
+            return (_f32(top), _f32(left), _f32(h), _f32(w))
+    return (0.0, 0.0, 1.0, 1.0)
+
+
+def _cutmix_rect(g: torch.Generator, lam: float, res: int) -> tuple[int, int, int, int]:
+    """A rectangle of area ~(1 - lam) * res^2, centre uniform over the pixels, clipped to the image."""
+    cut_ratio = math.sqrt(1.0 - lam)
+    ch = int(res * cut_ratio)
+    cw = int(res * cut_ratio)
+    cy = _randint(g, res)
+    cx = _randint(g, res)
+    y0 = min(max(cy - ch // 2, 0), res)
+    y1 = min(max(cy + ch // 2, 0), res)
+    x0 = min(max(cx - cw // 2, 0), res)
+    x1 = min(max(cx + cw // 2, 0), res)
+    return (y0, x0, y1, x1)
+
+
+def draw_view(run_seed: int, epoch: int, image_id: int, num_images: int, cfg: ViewConfig) -> ViewParams:
+    """The view of image ``image_id`` at ``epoch``: a pure function of (run_seed, epoch, image_id) and cfg.
+
+    All randomness comes from ``generator(run_seed, "view", epoch, image_id)``, in this order: image crop,
+    image flip, mix decision (only if 0 < mix_prob < 1), partner, partner crop, partner flip, lambda,
+    CutMix centre. The partner is uniform over the other ``num_images - 1`` images; with a single image
+    there is no partner and the view is not mixed.
+    """
+    if not (0 <= image_id < num_images):
+        raise ValueError(f"image_id {image_id} outside [0, {num_images})")
+    g = generator(run_seed, "view", int(epoch), int(image_id))
+    box = _crop_box(g, cfg.crop_scale)
+    flip = _uniform(g) < 0.5
+
+    if cfg.mix == "none" or num_images < 2 or cfg.mix_prob == 0.0:
+        return ViewParams(box=box, flip=flip)
+    if cfg.mix_prob < 1.0 and _uniform(g) >= cfg.mix_prob:
+        return ViewParams(box=box, flip=flip)
+
+    r = _randint(g, num_images - 1)
+    partner = r + 1 if r >= image_id else r
+    partner_box = _crop_box(g, cfg.crop_scale)
+    partner_flip = _uniform(g) < 0.5
+    lam = _beta(g, cfg.mix_alpha)
+    cut = NO_CUT
+    if cfg.mix == "cutmix":
+        res = cfg.resolution
+        cut = _cutmix_rect(g, lam, res)
+        y0, x0, y1, x1 = cut
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / float(res * res)
+    return ViewParams(
+        box=box,
+        flip=flip,
+        partner=partner,
+        partner_box=partner_box,
+        partner_flip=partner_flip,
+        lam=_f32(lam),
+        cut=cut,
+    )
+
+
+def draw_views(
+    run_seed: int, epoch: int, image_ids: Sequence[int], num_images: int, cfg: ViewConfig
+) -> list[ViewParams]:
+    """``draw_view`` for each id, in order (the result does not depend on how ids are batched)."""
+    return [draw_view(run_seed, epoch, int(i), num_images, cfg) for i in image_ids]
+
+
+def _as_float_image(x: Tensor) -> Tensor:
+    if x.dim() != 3 or x.shape[0] != 3:
+        raise ValueError(f"expected an image tensor [3, H, W], got shape {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        return x.float() / 255.0
+    if not x.is_floating_point():
+        raise ValueError(f"expected a float image in [0, 1] or uint8, got dtype {x.dtype}")
+    return x
+
+
+def _crop_resize(x: Tensor, box: Sequence[float], flip: bool, res: int) -> Tensor:
+    """Crop by a fractional box (rounded to the source's pixels), bilinear resize to res x res, flip."""
+    _, h, w = x.shape
+    top, left, bh, bw = (float(v) for v in box)
+    ph = min(max(1, round(bh * h)), h)
+    pw = min(max(1, round(bw * w)), w)
+    py = min(max(0, round(top * h)), h - ph)
+    px = min(max(0, round(left * w)), w - pw)
+    crop = x[:, py : py + ph, px : px + pw].unsqueeze(0)
+    out = F.interpolate(crop, size=(res, res), mode="bilinear", align_corners=False, antialias=False)[0]
+    if flip:
+        out = out.flip(-1)
+    return out
+
+
+def render_view(image: Tensor, partner: Tensor | None, p: ViewParams, resolution: int) -> Tensor:
+    """Render one view: [3, res, res] float in [0, 1].
+
+    ``image`` and ``partner`` are [3, H, W] floats in [0, 1] (uint8 is accepted and scaled), any size,
+    on any device. The image crop is resized (bilinear, no antialias) and flipped; if the view is mixed,
+    the partner's crop is rendered the same way and either pasted into ``p.cut`` (CutMix: ``cut`` is not
+    (0, 0, 0, 0)) or blended as ``lam * image + (1 - lam) * partner`` (Mixup). ``resolution`` must be the
+    one the params were drawn for.
+    """
+    img = _as_float_image(image)
+    out = _crop_resize(img, p.box, p.flip, resolution)
+    if not p.mixed:
+        return out.clamp_(0.0, 1.0)
+    if partner is None:
+        raise ValueError(f"view is mixed with image {p.partner} but no partner image was given")
+    other = _crop_resize(
+        _as_float_image(partner).to(out.device, out.dtype), p.partner_box, p.partner_flip, resolution
+    )
+    if p.cut != NO_CUT:
+        y0, x0, y1, x1 = p.cut
+        if not (0 <= y0 <= y1 <= resolution and 0 <= x0 <= x1 <= resolution):
+            raise ValueError(f"CutMix rectangle {p.cut} does not fit a {resolution} px view")
+        out = out.clone()
+        out[:, y0:y1, x0:x1] = other[:, y0:y1, x0:x1]
+        return out.clamp_(0.0, 1.0)
+    # Mixup (a CutMix rectangle clipped to nothing at the origin also lands here, with lam == 1).
+    return (p.lam * out + (1.0 - p.lam) * other).clamp_(0.0, 1.0)
+
+
+def render_batch(
+    images: list[Tensor], partners: list[Tensor | None], params: list[ViewParams], resolution: int
+) -> Tensor:
+    """``render_view`` for each (image, partner, params) triple, stacked to [B, 3, res, res]."""
+    if not (len(images) == len(partners) == len(params)):
+        raise ValueError(
+            f"render_batch: {len(images)} images, {len(partners)} partners, {len(params)} params"
+        )
+    if not images:
+        return torch.empty(0, 3, resolution, resolution)
+    return torch.stack([render_view(i, q, p, resolution) for i, q, p in zip(images, partners, params)])

@@ -1,0 +1,131 @@
+"""`distill`: run the pipeline, show a run's status, list recipes, collect results.
+
+Exit codes: 0 done, 2 usage or configuration error, 1 a stage failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import ConfigError, config_from_json, describe, load_config
+
+EPILOG_RUN = """examples:
+  distill run                                   # the demo recipe on the bundled digits, ./runs/demo
+  distill run --recipe demo --set recover.method=sre2l --run-dir runs/sre2l
+  distill run --recipe imagenet1k-rn18-ipc10-dwa --data-dir /data/imagenet --run-dir /shared/runs/in1k-dwa
+  distill run --config my.yaml --stages ingest,squeeze
+
+A rerun of the same --run-dir skips finished units and resumes checkpointed jobs.
+Configuration keys (--set section.key=value, values parsed as YAML scalars):
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distill", description="Distill an image-classification data set into a few "
+                                "synthetic images per class (SRe2L / DWA), resumably, on one machine or a Ray cluster.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run (or resume) the pipeline", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=EPILOG_RUN + describe())
+    src = r.add_mutually_exclusive_group()
+    src.add_argument("--recipe", help="named recipe (default: demo); see `distill recipes`")
+    src.add_argument("--config", help="YAML file with sections seed/data/squeeze/recover/relabel/train/eval/ray "
+                     "(an optional top-level `recipe:` names the base)")
+    r.add_argument("--run-dir", default=None, help="run directory (default: runs/<recipe>)")
+    r.add_argument("--data-dir", default=None, help="ImageNet-layout folder (train/<class>/*, val/<class>/*); "
+                   "default: the recipe's data.source (demo = bundled digits)")
+    r.add_argument("--stages", default=None, help="comma-separated subset of ingest,squeeze,recover,relabel,train,"
+                   "evaluate (default: all)")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value; repeatable")
+    r.add_argument("--fresh", action="store_true", help="discard the results of stages whose configuration changed "
+                   "and recompute them (otherwise such a rerun is refused)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    s = sub.add_parser("status", help="per stage: units done / failed / pending and config hash state")
+    s.add_argument("--run-dir", required=True)
+
+    sub.add_parser("recipes", help="list the named recipes")
+
+    c = sub.add_parser("collect", help="results table from the manifests of one or many runs")
+    c.add_argument("runs", nargs="+", help="run directories or glob patterns")
+    c.add_argument("--out", default=None, help="write the table to .md, .csv or .parquet (plus a PNG plot beside it)")
+    return p
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.runner import run_pipeline
+
+    overrides = list(args.overrides)
+    if args.data_dir:
+        overrides.insert(0, f"data.source={args.data_dir}")
+    cfg = load_config(args.recipe, args.config, overrides)
+    run_dir = Path(args.run_dir or f"runs/{args.recipe or (Path(args.config).stem if args.config else 'demo')}")
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    ctx = run_pipeline(cfg, run_dir, stages=stages, fresh=args.fresh, progress=not args.no_progress)
+    print(f"run directory: {ctx.run_dir.resolve()}")
+    summary = ctx.path("results", "summary.json")
+    if summary.exists():
+        from pipeline.report import format_summary
+
+        print(format_summary(json.loads(summary.read_text())))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.runner import status
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.json").exists():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.json)")
+    rows = status(config_from_json(run_dir / "config.json"), run_dir)
+    print(f"{'stage':<10}{'done':>6}{'failed':>8}{'pending':>9}  {'config':<9} state")
+    for st in rows:
+        pending = "?" if st.pending is None else str(st.pending)
+        state = "complete" if st.complete else ("running/partial" if st.done else "not started")
+        note = f"  ({'; '.join(st.notes)})" if st.notes else ""
+        print(f"{st.name:<10}{st.done:>6}{st.failed:>8}{pending:>9}  {st.hash_state:<9} {state}{note}")
+    return 0
+
+
+def _cmd_recipes(_: argparse.Namespace) -> int:
+    from pipeline.recipes import describe_recipes
+
+    for name, doc in describe_recipes():
+        print(f"{name:<34} {doc}")
+    return 0
+
+
+def _cmd_collect(args: argparse.Namespace) -> int:
+    from manifests.collect import collect_main
+
+    return collect_main(args.runs, args.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from pipeline.runner import StageFailed
+
+    handlers = {"run": _cmd_run, "status": _cmd_status, "recipes": _cmd_recipes, "collect": _cmd_collect}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as exc:
+        print(f"distill: error: {exc}", file=sys.stderr)
+        return 2
+    except StageFailed as exc:
+        print(f"distill: stage failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("distill: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

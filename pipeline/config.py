@@ -1,0 +1,336 @@
+"""Typed configuration: one dataclass per stage section, checked at load.
+
+A configuration comes from a named recipe (`pipeline.recipes`) or a YAML file, then
+`--set section.key=value` overrides (values parsed as YAML scalars). Unknown sections
+or keys and wrongly typed values raise `ConfigError` naming the key, the closest valid
+key and the expected type.
+
+Fields whose metadata has `hash=False` are operational (worker counts, loader choice):
+changing them does not change what a stage computes, so they are left out of the stage
+config hashes and never invalidate finished work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration or usage error (exit code 2)."""
+
+
+def _op(default: Any, doc: str = "") -> Any:
+    """An operational field: not part of the stage config hash."""
+    return field(default=default, metadata={"hash": False, "doc": doc})
+
+
+@dataclass
+class DataConfig:
+    """Real data and ingest."""
+
+    source: str = "demo"  # "demo" (bundled digits) or a folder with train/<class>/*, val/<class>/*
+    dataset: str = "demo"  # name shown in results tables
+    resolution: int = 32  # side of the square images every model sees
+    shard_size: int = 256  # samples per WebDataset shard
+    max_bad_fraction: float = 0.01  # unreadable images tolerated before ingest stops
+    val_fraction: float = 0.2  # demo data only: share of each class held out for val
+    shuffle_seed: int = 0  # order of samples across shards (independent of the run seed)
+    loader: str = _op("auto", "auto | pil | dali")
+    num_workers: int = _op(2, "DataLoader worker processes per rank (PIL path)")
+
+
+@dataclass
+class SqueezeConfig:
+    """Teacher: train on the real shards, or import weights."""
+
+    arch: str = "convnet"
+    weights: str = ""  # "" = train; else a state_dict file or a torchvision weights name
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    amp: bool = True  # bf16 autocast on GPU; ignored on CPU
+    workers: int = _op(1, "DDP workers (one per GPU; CPU workers use gloo)")
+
+
+@dataclass
+class RecoverConfig:
+    """Synthesis of IPC images per class (SRe2L / DWA / random-real baseline)."""
+
+    method: str = "dwa"  # sre2l | dwa | random-real
+    ipc: int = 10
+    iterations: int = 1000
+    lr: float = 0.25
+    r_bn: float = 0.01
+    r_var: float = 2.0
+    first_bn_multiplier: float = 10.0
+    jitter: int = 4
+    crop_scale_min: float = 0.08
+    init: str = "auto"  # auto (dwa: real, sre2l: noise) | real | noise
+    dwa_steps: int = 12
+    dwa_rho: float = 15e-3
+    dwa_batch_size: int = 100  # size of each random real subset B
+    classes_per_shard: int = 0  # 0 = min(100, number of classes)
+    ipc_per_unit: int = 10
+    amp: str = "bf16"  # bf16 | none (GPU only; CPU always fp32)
+    channels_last: bool = True  # GPU only
+    num_workers: int = _op(0, "actors; 0 = one per GPU, or CPUs // cpus_per_worker without GPUs")
+    cpus_per_worker: int = _op(1, "CPU actors: cores (and torch threads) per actor")
+    max_attempts: int = _op(3, "tries per unit before the stage fails")
+
+
+@dataclass
+class RelabelConfig:
+    """Teacher soft labels for the student's views of the synthetic images."""
+
+    mode: str = "stored"  # stored (top-k fp16 parquet) | online (teacher runs during training)
+    top_k: int = 0  # 0 = min(100, number of classes)
+    images_per_unit: int = 1000  # synthetic images per relabel unit (stored mode)
+    batch_size: int = _op(256, "teacher batch size while relabelling")
+
+
+@dataclass
+class TrainConfig:
+    """Student trained from scratch on the synthetic set."""
+
+    arch: str = "convnet"
+    epochs: int = 300
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    temperature: float = 20.0
+    mix: str = "cutmix"  # cutmix | mixup | none
+    mix_alpha: float = 1.0
+    crop_scale_min: float = 0.08
+    amp: bool = True  # bf16 autocast on GPU; ignored on CPU
+    workers: int = _op(1, "DDP workers (one per GPU; CPU workers use gloo)")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of the student on the real val shards."""
+
+    every: int = 0  # evaluate every N epochs during training (0 = only at the end)
+    batch_size: int = _op(256, "eval batch size")
+
+
+@dataclass
+class RayConfig:
+    """Where units run. Never part of any hash."""
+
+    executor: str = _op("auto", "auto (ray inside a Ray job or when address is set) | local | ray")
+    address: str = _op("", "'' = start a local cluster (127.0.0.1); 'auto' or host:port = join one")
+    num_cpus: int = _op(0, "CPUs for a local cluster (0 = all)")
+    num_gpus: int = _op(-1, "GPUs for a local cluster (-1 = detect)")
+
+
+@dataclass
+class Config:
+    """The whole run configuration."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)
+    recover: RecoverConfig = field(default_factory=RecoverConfig)
+    relabel: RelabelConfig = field(default_factory=RelabelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def section_for_hash(self, name: str) -> dict[str, Any]:
+        """The hashed fields of one section (or {'seed': ...} for 'seed')."""
+        if name == "seed":
+            return {"seed": self.seed}
+        sec = getattr(self, name)
+        return {
+            f.name: getattr(sec, f.name)
+            for f in dataclasses.fields(sec)
+            if f.metadata.get("hash", True)
+        }
+
+
+_HINTS = typing.get_type_hints(Config)
+SECTIONS: dict[str, type] = {f.name: _HINTS[f.name] for f in dataclasses.fields(Config) if f.name != "seed"}
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "data.loader": ("auto", "pil", "dali"),
+    "squeeze.optimizer": ("sgd", "adamw"),
+    "recover.method": ("sre2l", "dwa", "random-real"),
+    "recover.init": ("auto", "real", "noise"),
+    "recover.amp": ("bf16", "none"),
+    "relabel.mode": ("stored", "online"),
+    "train.mix": ("cutmix", "mixup", "none"),
+    "ray.executor": ("auto", "local", "ray"),
+}
+_POSITIVE = (
+    "data.resolution", "data.shard_size", "squeeze.epochs", "squeeze.batch_size", "recover.ipc",
+    "recover.iterations", "recover.ipc_per_unit", "recover.dwa_steps", "recover.dwa_batch_size",
+    "recover.max_attempts", "recover.cpus_per_worker", "relabel.images_per_unit", "relabel.batch_size",
+    "train.epochs", "train.batch_size", "squeeze.workers", "train.workers", "eval.batch_size",
+)
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.4)
+    return f" (did you mean '{match[0]}'?)" if match else f" (valid: {', '.join(sorted(options))})"
+
+
+def _coerce(key: str, value: Any, expected: Any) -> Any:
+    """Check `value` against the annotated type; ints are accepted for floats."""
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(expected):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key '{key}': expected {expected}, got {value!r} ({type(value).__name__})")
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is type(None) and value is None:
+        return None
+    if isinstance(expected, type) and isinstance(value, expected) and not (
+        expected is int and isinstance(value, bool)
+    ):
+        return value
+    tname = getattr(expected, "__name__", str(expected))
+    raise ConfigError(
+        f"config key '{key}': expected {tname}, got {value!r} ({type(value).__name__})"
+    )
+
+
+def _apply_section(section_obj: Any, section: str, values: dict[str, Any]) -> None:
+    hints = typing.get_type_hints(type(section_obj))
+    names = [f.name for f in dataclasses.fields(section_obj)]
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key '{section}.{key}'{_closest(key, names)}")
+        setattr(section_obj, key, _coerce(f"{section}.{key}", value, hints[key]))
+
+
+def apply_dict(cfg: Config, data: dict[str, Any], source: str = "config") -> Config:
+    """Overlay a nested dict (from YAML or JSON) onto `cfg` in place."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    valid = ["seed", *SECTIONS]
+    for name, values in data.items():
+        if name in ("run_id", "schema_version"):
+            continue
+        if name not in valid:
+            raise ConfigError(f"{source}: unknown config section '{name}'{_closest(name, valid)}")
+        if name == "seed":
+            cfg.seed = _coerce("seed", values, int)
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{name}' must be a mapping, got {values!r}")
+        _apply_section(getattr(cfg, name), name, values)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str | None, Any]:
+    """'section.key=value' -> (section, key, value parsed as a YAML scalar)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects section.key=value, got '{text}'")
+    lhs, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {lhs}: cannot parse value '{raw}': {exc}") from None
+    if lhs == "seed":
+        return "seed", None, value
+    if "." not in lhs:
+        raise ConfigError(f"--set expects section.key=value, got '{text}'")
+    section, key = lhs.split(".", 1)
+    return section, key, value
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    for text in overrides:
+        section, key, value = parse_override(text)
+        data = {"seed": value} if key is None else {section: {key: value}}
+        apply_dict(cfg, data, source=f"--set {text}")
+    return cfg
+
+
+def validate(cfg: Config) -> Config:
+    """Value checks that types alone cannot express."""
+    for dotted, choices in _CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise ConfigError(f"config key '{dotted}': '{value}' is not one of {', '.join(choices)}")
+    for dotted in _POSITIVE:
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value <= 0:
+            raise ConfigError(f"config key '{dotted}' must be > 0, got {value}")
+    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
+        raise ConfigError(f"config key 'data.max_bad_fraction' must be in [0, 1], got {cfg.data.max_bad_fraction}")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {cfg.data.val_fraction}")
+    if not 0.0 < cfg.recover.crop_scale_min <= 1.0 or not 0.0 < cfg.train.crop_scale_min <= 1.0:
+        raise ConfigError("config keys '*.crop_scale_min' must be in (0, 1]")
+    from pipeline.models import ARCHS  # local import: models pulls in torch
+
+    for dotted in ("squeeze.arch", "train.arch"):
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in ARCHS:
+            raise ConfigError(f"config key '{dotted}': unknown architecture '{value}'{_closest(value, list(ARCHS))}")
+    return cfg
+
+
+def load_config(recipe: str | None = None, config_file: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Recipe or YAML file, then overrides, then validation."""
+    from pipeline.recipes import get_recipe
+
+    if recipe and config_file:
+        raise ConfigError("give either --recipe or --config, not both")
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        base = data.pop("recipe", None) if isinstance(data, dict) else None
+        cfg = get_recipe(base) if base else Config()
+        apply_dict(cfg, data, source=str(path))
+    else:
+        cfg = get_recipe(recipe or "demo")
+    apply_overrides(cfg, overrides or [])
+    return validate(cfg)
+
+
+def config_from_json(path: Path) -> Config:
+    """Read a resolved config.json written by a run."""
+    data = json.loads(Path(path).read_text())
+    return validate(apply_dict(Config(), data, source=str(path)))
+
+
+def describe() -> str:
+    """Every key with its type and default, for --help and the README."""
+    lines = ["seed: int = 0"]
+    cfg = Config()
+    for name in SECTIONS:
+        sec = getattr(cfg, name)
+        hints = typing.get_type_hints(type(sec))
+        for f in dataclasses.fields(sec):
+            tname = getattr(hints[f.name], "__name__", str(hints[f.name]))
+            doc = f.metadata.get("doc", "")
+            lines.append(f"{name}.{f.name}: {tname} = {getattr(sec, f.name)!r}" + (f"  # {doc}" if doc else ""))
+    return "\n".join(lines)

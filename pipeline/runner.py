@@ -1,0 +1,264 @@
+"""The runner: hashes, resume checks, planning, executing and committing units."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from manifests.schema import Record
+from manifests.store import STAGE_RECORD, ManifestStore, atomic_write_text
+from pipeline import __version__
+from pipeline.config import Config, ConfigError
+from pipeline.stages import STAGE_ORDER, get_stage
+from pipeline.stages.base import Outcome, RunContext, Stage, Unit
+
+log = logging.getLogger("distill")
+
+
+class StageFailed(RuntimeError):
+    """A stage could not complete (exit code 1)."""
+
+
+class Executor(Protocol):
+    def run_units(
+        self, stage: Stage, ctx: RunContext, units: list[Unit], on_outcome: Callable[[Outcome], None]
+    ) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def code_version() -> str:
+    """Package version plus the git commit of the source tree when there is one."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+            text=True, timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+def compute_hashes(cfg: Config) -> dict[str, str]:
+    """Each stage's hash covers its own config sections and its upstream stages' hashes."""
+    hashes: dict[str, str] = {}
+    for name in STAGE_ORDER:
+        stage = get_stage(name)
+        payload = {
+            "stage": name,
+            "sections": {s: cfg.section_for_hash(s) for s in stage.sections},
+            "upstream": {d: hashes[d] for d in stage.depends_on},
+        }
+        text = json.dumps(payload, sort_keys=True, default=str)
+        hashes[name] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return hashes
+
+
+def select_stages(names: list[str] | None) -> list[str]:
+    if not names:
+        return list(STAGE_ORDER)
+    unknown = [n for n in names if n not in STAGE_ORDER]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGE_ORDER)}")
+    return [n for n in STAGE_ORDER if n in names]
+
+
+@dataclass
+class StageStatus:
+    name: str
+    done: int = 0
+    failed: int = 0
+    pending: int | None = None
+    hash_state: str = "current"  # current | changed | none
+    complete: bool = False
+    stale_records: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def open_context(cfg: Config, run_dir: Path) -> RunContext:
+    """Context for `run_dir` with this config's hashes and the run id (kept across reruns)."""
+    run_dir = Path(run_dir)
+    run_id = ""
+    existing = run_dir / "config.json"
+    if existing.exists():
+        try:
+            run_id = json.loads(existing.read_text()).get("run_id", "")
+        except json.JSONDecodeError:
+            run_id = ""
+    run_id = run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    return RunContext(run_dir=run_dir, config=cfg, run_id=run_id, hashes=compute_hashes(cfg), code_version=code_version())
+
+
+def changed_stages(ctx: RunContext) -> list[str]:
+    """Stages with records made under another config hash."""
+    store = ctx.store
+    return [n for n in STAGE_ORDER if store.stale_hashes(n, ctx.hashes[n])]
+
+
+def _stage_dirs(name: str) -> list[str]:
+    return list(getattr(get_stage(name), "output_dirs", ()))
+
+
+def prepare(ctx: RunContext, fresh: bool) -> None:
+    """Refuse a changed config unless `fresh`; with `fresh`, forget the changed stages' work."""
+    changed = changed_stages(ctx)
+    if changed and not fresh:
+        raise ConfigError(
+            f"run directory {ctx.run_dir} was made with another configuration for stage(s) "
+            f"{', '.join(changed)}; use a new --run-dir, restore the old settings, or pass --fresh "
+            "to discard those stages' results and recompute them"
+        )
+    for name in changed:
+        log.warning("--fresh: discarding stage %s (its configuration changed)", name)
+        ctx.store.clear(name)
+        for d in _stage_dirs(name):
+            shutil.rmtree(ctx.path(d), ignore_errors=True)
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = {"run_id": ctx.run_id, **ctx.config.to_dict()}
+    atomic_write_text(ctx.path("config.json"), json.dumps(resolved, indent=1, sort_keys=True))
+
+
+def _record(ctx: RunContext, stage: str, outcome: Outcome) -> Record:
+    result = outcome.result
+    return Record(
+        run_id=ctx.run_id, stage=stage, unit=outcome.unit.key, status="done" if outcome.ok else "failed",
+        config_hash=ctx.hashes[stage], seed=ctx.unit_seed(stage, outcome.unit.key),
+        inputs=tuple(result.inputs) if result else (), outputs=tuple(result.outputs) if result else (),
+        metrics=dict(result.metrics) if result else {}, code_version=ctx.code_version,
+        host=outcome.host or socket.gethostname(), attempt=outcome.attempt, started=outcome.started,
+        ended=outcome.ended, error=outcome.error,
+    )
+
+
+def run_stage(ctx: RunContext, name: str, executor: Executor, progress: bool = True) -> dict[str, Any]:
+    """Plan, skip what is done, run the rest, commit records, finalize. Returns stage metrics."""
+    stage = get_stage(name)
+    store = ctx.store
+    for dep in stage.depends_on:
+        if not store.stage_done(dep, ctx.hashes[dep]):
+            raise ConfigError(
+                f"stage '{name}' needs stage '{dep}', which has not completed for this configuration in "
+                f"{ctx.run_dir}; run it first (add it to --stages)"
+            )
+    t0 = time.time()
+    stage.validate(ctx)
+    units = stage.plan(ctx)
+    done = store.done_keys(name, ctx.hashes[name])
+    pending = [u for u in units if u.key not in done]
+    log.info("stage %s: %d units, %d done, %d to run", name, len(units), len(units) - len(pending), len(pending))
+    failures: list[Record] = []
+    if pending:
+        bar = _progress(name, len(units), len(units) - len(pending), progress)
+
+        def on_outcome(outcome: Outcome) -> None:
+            rec = _record(ctx, name, outcome)
+            if outcome.ok:
+                store.commit(rec)
+                bar.update(1)
+            else:
+                store.fail(rec)
+                failures.append(rec)
+                log.error("stage %s unit %s failed (attempt %d):\n%s", name, rec.unit, rec.attempt, rec.error)
+
+        try:
+            if stage.distributed:
+                executor.run_units(stage, ctx, pending, on_outcome)
+            else:
+                from workers.local import LocalExecutor
+
+                LocalExecutor(max_attempts=1).run_units(stage, ctx, pending, on_outcome)
+        finally:
+            bar.close()
+    missing = [u.key for u in units if u.key not in store.done_keys(name, ctx.hashes[name])]
+    if missing:
+        first = failures[0].error.strip().splitlines()[-1] if failures else "no record was written"
+        raise StageFailed(
+            f"stage '{name}': {len(missing)} of {len(units)} units failed ({', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}); last error: {first}. Tracebacks are in "
+            f"{store.root / name}/*.failed.json; fix the cause and run again: finished units are kept."
+        )
+    metrics = stage.finalize(ctx)
+    metrics = {"units": len(units), "ran": len(pending), "wall_s": round(time.time() - t0, 3), **metrics}
+    prev = store.load(name, STAGE_RECORD)
+    if prev is not None and prev.config_hash == ctx.hashes[name] and not pending:
+        metrics["wall_s"] = prev.metrics.get("wall_s", metrics["wall_s"])
+    store.commit(Record(
+        run_id=ctx.run_id, stage=name, unit=STAGE_RECORD, status="done", config_hash=ctx.hashes[name],
+        seed=ctx.config.seed, metrics=metrics, code_version=ctx.code_version, host=socket.gethostname(),
+        started=t0, ended=time.time(),
+    ))
+    return metrics
+
+
+def _progress(name: str, total: int, initial: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"{name:>8}", unit="unit", disable=not enabled,
+                dynamic_ncols=True, leave=True)
+
+
+def run_pipeline(
+    cfg: Config, run_dir: Path, stages: list[str] | None = None, fresh: bool = False,
+    executor: Executor | None = None, progress: bool = True,
+) -> RunContext:
+    """Run the selected stages in order (all by default), resuming what is done."""
+    names = select_stages(stages)
+    ctx = open_context(cfg, run_dir)
+    prepare(ctx, fresh)
+    _log_to_file(ctx)
+    own_executor = executor is None
+    if executor is None:
+        from workers import make_executor
+
+        executor = make_executor(cfg)
+    try:
+        for name in names:
+            run_stage(ctx, name, executor, progress=progress)
+    finally:
+        if own_executor:
+            executor.close()
+    return ctx
+
+
+def _log_to_file(ctx: RunContext) -> None:
+    path = ctx.path("logs", "driver.log")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path.resolve()) for h in root.handlers):
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+
+
+def status(cfg: Config, run_dir: Path) -> list[StageStatus]:
+    """Per stage: done / failed / pending units and whether the config hash matches."""
+    ctx = open_context(cfg, run_dir)
+    store = ctx.store
+    out = []
+    for name in STAGE_ORDER:
+        st = StageStatus(name)
+        h = ctx.hashes[name]
+        recs = store.records(name)
+        st.done = sum(r.config_hash == h for r in recs)
+        st.stale_records = len(recs) - st.done
+        st.failed = len(store.failures(name))
+        st.complete = store.stage_done(name, h)
+        st.hash_state = "changed" if store.stale_hashes(name, h) else ("current" if recs or st.complete else "none")
+        try:
+            deps_ok = all(store.stage_done(d, ctx.hashes[d]) for d in get_stage(name).depends_on)
+            if deps_ok:
+                st.pending = len(get_stage(name).plan(ctx)) - st.done
+        except Exception as exc:  # noqa: BLE001 - status must not crash on a half-made run
+            st.notes.append(f"cannot plan: {exc}")
+        out.append(st)
+    return out

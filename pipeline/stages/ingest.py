@@ -1,0 +1,187 @@
+"""Ingest: real images -> WebDataset shards + DALI .idx + parquet sample index + class map."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from manifests.store import atomic_write_text
+from pipeline.config import ConfigError
+from pipeline.data import demo
+from pipeline.data.shards import Sample, shard_name, write_shard
+from pipeline.seeding import derive_seed
+from pipeline.stages.base import RunContext, Stage, Unit, UnitResult
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif"}
+SPLITS = ("train", "val")
+REAL_DIR = "real"
+
+
+class BadImage(Exception):
+    pass
+
+
+def list_folder(root: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]], int]:
+    """Classes (sorted folder names, as torchvision's ImageFolder) and (path, class) per split."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"data folder not found: {root}")
+    split_classes: dict[str, list[str]] = {}
+    for split in SPLITS:
+        d = root / split
+        if not d.is_dir():
+            raise ConfigError(f"{d} is missing: the data folder needs train/<class>/* and val/<class>/*")
+        split_classes[split] = sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not split_classes[split]:
+            raise ConfigError(f"{d} holds no class folders")
+    if split_classes["train"] != split_classes["val"]:
+        only_t = sorted(set(split_classes["train"]) - set(split_classes["val"]))
+        only_v = sorted(set(split_classes["val"]) - set(split_classes["train"]))
+        raise ConfigError(
+            f"train and val class folders differ under {root}: only in train: {only_t[:5]}, only in val: "
+            f"{only_v[:5]}; both splits need the same class folders"
+        )
+    classes = split_classes["train"]
+    items: dict[str, list[tuple[str, int]]] = {}
+    skipped = 0
+    for split in SPLITS:
+        items[split] = []
+        for ci, name in enumerate(classes):
+            folder = root / split / name
+            files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+            images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+            skipped += len(files) - len(images)
+            if not images:
+                raise ConfigError(f"class folder {folder} holds no images; remove it from both splits or add images")
+            items[split].extend((str(p), ci) for p in images)
+    return classes, items, skipped
+
+
+def encode_checked(data: bytes, source: str) -> tuple[bytes, str]:
+    """Verify an image decodes; keep RGB/grey JPEG bytes as they are, re-encode anything else as PNG."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            fmt = img.format
+            if fmt == "JPEG":
+                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))  # fast full-stream check
+            img.load()
+            if fmt == "JPEG" and img.mode in ("RGB", "L"):
+                return data, "jpg"
+            img = Image.open(io.BytesIO(data))
+            img.load()
+            rgb = img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        raise BadImage(f"{source}: {type(exc).__name__}: {exc}") from None
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG")
+    return buf.getvalue(), "png"
+
+
+class IngestStage(Stage):
+    name = "ingest"
+    sections = ("data",)
+    distributed = True
+    output_dirs = (REAL_DIR,)
+
+    def validate(self, ctx: RunContext) -> None:
+        src = ctx.config.data.source
+        if src != "demo":
+            list_folder(Path(src))  # raises ConfigError naming the path
+
+    def _listing(self, ctx: RunContext) -> tuple[list[str], dict[str, list[tuple[Any, int]]], int]:
+        cfg = ctx.config.data
+        if cfg.source == "demo":
+            _, labels = demo.load_digits_arrays()
+            split = demo.split_indices(labels, cfg.val_fraction, cfg.shuffle_seed)
+            return demo.CLASSES, {s: [(i, int(labels[i])) for i in split[s]] for s in SPLITS}, 0
+        return list_folder(Path(cfg.source))
+
+    def plan(self, ctx: RunContext) -> list[Unit]:
+        cfg = ctx.config.data
+        import numpy as np
+
+        _, items, _ = self._listing(ctx)
+        units = []
+        for split in SPLITS:
+            seq = items[split]
+            order = np.random.default_rng(derive_seed(cfg.shuffle_seed, "ingest", split)).permutation(len(seq))
+            for start in range(0, len(seq), cfg.shard_size):
+                chunk = [list(seq[j]) for j in order[start:start + cfg.shard_size].tolist()]
+                index = start // cfg.shard_size
+                units.append(Unit(key=shard_name(split, index), payload={"split": split, "index": index,
+                                                                         "start": start, "items": chunk}))
+        return units
+
+    def open_worker(self, ctx: RunContext) -> IngestWorker:
+        return IngestWorker(ctx)
+
+    def finalize(self, ctx: RunContext) -> dict[str, Any]:
+        cfg = ctx.config.data
+        classes, items, skipped = self._listing(ctx)
+        records = ctx.store.records(self.name)
+        bad = [b for r in records for b in r.metrics.get("bad", [])]
+        total = sum(len(v) for v in items.values())
+        if skipped:
+            log.warning("ingest: ignored %d non-image files", skipped)
+        if bad:
+            log.warning("ingest: skipped %d unreadable images, e.g. %s", len(bad), "; ".join(bad[:3]))
+        if total and len(bad) / total > cfg.max_bad_fraction:
+            raise ConfigError(
+                f"ingest: {len(bad)} of {total} images are unreadable ({len(bad) / total:.2%} > "
+                f"data.max_bad_fraction={cfg.max_bad_fraction}); e.g. {'; '.join(bad[:5])}. Replace or remove "
+                "them and delete RUN_DIR/manifests/ingest, or raise data.max_bad_fraction"
+            )
+        counts = {s: sum(r.metrics.get("samples", 0) for r in records if r.unit.startswith(s + "-")) for s in SPLITS}
+        meta = {"classes": classes, "num_classes": len(classes), "counts": counts, "source": cfg.source,
+                "dataset": cfg.dataset, "shards": {s: sorted(r.unit for r in records if r.unit.startswith(s + "-"))
+                                                   for s in SPLITS}}
+        atomic_write_text(ctx.path(REAL_DIR, "classes.json"), json.dumps(meta, indent=1))
+        return {"num_classes": len(classes), "train_images": counts["train"], "val_images": counts["val"],
+                "bad_images": len(bad), "non_image_files": skipped}
+
+
+class IngestWorker:
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.digits = None
+        if ctx.config.data.source == "demo":
+            self.digits, _ = demo.load_digits_arrays()
+
+    def _samples(self, unit: Unit, bad: list[str]):  # noqa: ANN202 - generator of Sample
+        split, start = unit.payload["split"], unit.payload["start"]
+        res = self.ctx.config.data.resolution
+        for j, (src, cls) in enumerate(unit.payload["items"]):
+            key = f"{split}_{start + j:08d}"
+            if self.digits is not None:
+                yield Sample(key, cls, demo.render_png(self.digits[src], res), "png", {"source": f"digits[{src}]"})
+                continue
+            try:
+                data, ext = encode_checked(Path(src).read_bytes(), src)
+            except (BadImage, OSError) as exc:
+                log.warning("ingest: skipping %s", exc)
+                bad.append(str(exc))
+                continue
+            yield Sample(key, cls, data, ext, {"source": src})
+
+    def run(self, unit: Unit) -> UnitResult:
+        bad: list[str] = []
+        paths = write_shard(self.ctx.path(REAL_DIR), unit.key, self._samples(unit, bad))
+        n = len(unit.payload["items"]) - len(bad)
+        return UnitResult(outputs=[self.ctx.ref(p) for p in paths], metrics={"samples": n, "bad": bad})
+
+    def close(self) -> None:
+        pass
+
+
+STAGE = IngestStage()
