@@ -1,0 +1,445 @@
+"""Pure core of the recover stage (SRe2L and DWA): tensors and generators in, tensors out.
+
+Synthetic images are optimized in normalized pixel space against a frozen teacher. The loss is
+CE(teacher(aug(x)), y) + r_bn * sum_l m_l * (||mu_l - rm_l||_2 + r_var * ||var_l - rv_l||_2), with the
+statistics taken on the input of each BatchNorm2d layer l (running mean rm_l, running variance rv_l).
+DWA first perturbs the teacher's parameters by K steps of normalized gradient ascent on CE over real
+images; the clean teacher is always restored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_NO_BN_MESSAGE = "the teacher has no BatchNorm2d layers; SRe2L/DWA recover needs BN statistics"
+
+
+@dataclass(frozen=True)
+class RecoverParams:
+    """Hyperparameters of the recover optimization (defaults: SRe2L/DWA ImageNet, except `iterations`)."""
+
+    iterations: int
+    lr: float = 0.25
+    betas: tuple[float, float] = (0.5, 0.9)
+    r_bn: float = 0.01
+    r_var: float = 1.0
+    first_bn_multiplier: float = 10.0
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    jitter: int = 32
+    flip: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
+            raise ValueError(f"iterations must be an int >= 1, got {self.iterations!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two values in [0, 1), got {self.betas!r}")
+        for name in ("r_bn", "r_var", "first_bn_multiplier"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        lo, hi = self.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale!r}")
+        if isinstance(self.jitter, bool) or not isinstance(self.jitter, int) or self.jitter < 0:
+            raise ValueError(f"jitter must be an int >= 0 (pixels), got {self.jitter!r}")
+        if not isinstance(self.flip, bool):
+            raise ValueError(f"flip must be a bool, got {self.flip!r}")
+
+
+@dataclass(frozen=True)
+class DWAParams:
+    """Directed weight adjustment: `steps` (K) ascent steps with total perturbation norm at most `rho`."""
+
+    steps: int = 15
+    rho: float = 15e-3
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"DWA steps must be an int >= 1, got {self.steps!r}")
+        if not self.rho >= 0:
+            raise ValueError(f"DWA rho must be >= 0, got {self.rho!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Normalization helpers
+
+
+def _channel_view(values: Sequence[float], like: Tensor) -> Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+
+
+def normalize(
+    x: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> Tensor:
+    """(x - mean) / std per channel, for images [N, C, H, W] in [0, 1]."""
+    return (x - _channel_view(mean, x)) / _channel_view(std, x)
+
+
+def denormalize(
+    x: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> Tensor:
+    """x * std + mean per channel: the inverse of `normalize`."""
+    return x * _channel_view(std, x) + _channel_view(mean, x)
+
+
+def clamp_to_image_(
+    x: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> Tensor:
+    """In place: clamp each channel of normalized `x` to [(0 - mean) / std, (1 - mean) / std]; returns `x`."""
+    if x.dim() != 4 or x.shape[1] != len(mean) or len(mean) != len(std):
+        raise ValueError(f"expected [N, {len(mean)}, H, W] images, got shape {tuple(x.shape)}")
+    for c, (m, s) in enumerate(zip(mean, std, strict=True)):
+        x[:, c].clamp_(min=(0.0 - m) / s, max=(1.0 - m) / s)
+    return x
+
+
+def cosine_lr(base_lr: float, it: int, total: int) -> float:
+    """Cosine schedule without warm-up: 0.5 * base_lr * (1 + cos(pi * it / total)), `it` counted from 0."""
+    if total < 1:
+        raise ValueError(f"total must be >= 1, got {total}")
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * it / total))
+
+
+def init_images(
+    kind: str,
+    num: int,
+    resolution: int,
+    gen: torch.Generator,
+    real: Tensor | None = None,
+    *,
+    device: str | torch.device | None = None,
+) -> Tensor:
+    """Initial synthetic images [num, 3, resolution, resolution] in normalized space.
+
+    kind "noise": standard normal drawn from `gen` (SRe2L); kind "real": a clone of `real`, already
+    normalized (DWA). The result is moved to `device` when given.
+    """
+    shape = (num, 3, resolution, resolution)
+    if kind == "noise":
+        out = torch.randn(shape, generator=gen, device=gen.device)
+    elif kind == "real":
+        if real is None:
+            raise ValueError("init kind 'real' needs the `real` images")
+        if tuple(real.shape) != shape:
+            raise ValueError(f"real init images must have shape {shape}, got {tuple(real.shape)}")
+        out = real.detach().clone()
+    else:
+        raise ValueError(f"unknown init kind {kind!r}; valid kinds: noise, real")
+    return out if device is None else out.to(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# BatchNorm statistics loss
+
+
+class BNStatsHook:
+    """Context manager hooking every `nn.BatchNorm2d` of a model to compute the BN-matching loss.
+
+    On each forward, a hook takes the BN *input*, computes per-channel mean and biased variance over (N, H, W)
+    in float32 and stores ||mean - running_mean||_2 + r_var * ||var - running_var||_2 for that layer.
+    `loss(first_bn_multiplier)` sums the stored terms, the first BN layer (module order) weighted by the
+    multiplier. Hooks are removed on exit.
+    """
+
+    def __init__(self, model: nn.Module, r_var: float = 1.0) -> None:
+        self.r_var = float(r_var)
+        self._bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        if not self._bns:
+            raise ValueError(_NO_BN_MESSAGE)
+        for bn in self._bns:
+            if bn.running_mean is None or bn.running_var is None:
+                raise ValueError(
+                    "every BatchNorm2d of the teacher needs running statistics (track_running_stats=True)"
+                )
+        self._terms: dict[int, Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _make_hook(self, index: int):  # noqa: ANN202 - torch hook signature
+        def hook(module: nn.BatchNorm2d, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            with torch.autocast(device_type=inputs[0].device.type, enabled=False):
+                x = inputs[0].float()
+                var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+                term = torch.linalg.vector_norm(mean - module.running_mean.float()) + self.r_var * (
+                    torch.linalg.vector_norm(var - module.running_var.float())
+                )
+            self._terms[index] = term
+
+        return hook
+
+    def __enter__(self) -> BNStatsHook:
+        self._terms.clear()
+        self._handles = [bn.register_forward_hook(self._make_hook(i)) for i, bn in enumerate(self._bns)]
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._terms.clear()
+
+    def terms(self) -> list[Tensor]:
+        """The per-layer terms of the last forward, in module order (layers that did not run are skipped)."""
+        return [self._terms[i] for i in sorted(self._terms)]
+
+    def loss(self, first_bn_multiplier: float = 10.0) -> Tensor:
+        """sum_l m_l * term_l over the last forward, with m = first_bn_multiplier for the first BN, else 1."""
+        if not self._terms:
+            raise RuntimeError("no BatchNorm2d statistics captured; run a forward inside the context first")
+        total: Tensor | None = None
+        for i in sorted(self._terms):
+            t = self._terms[i] * first_bn_multiplier if i == 0 else self._terms[i]
+            total = t if total is None else total + t
+        assert total is not None
+        return total
+
+
+# --------------------------------------------------------------------------------------------------
+# Augmentation
+
+
+def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=gen, device="cpu"))
+
+
+def _randint(gen: torch.Generator, lo: int, hi: int) -> int:
+    """Uniform integer in [lo, hi] inclusive."""
+    return int(torch.randint(lo, hi + 1, (), generator=gen, device="cpu"))
+
+
+def _crop_params(
+    gen: torch.Generator, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w) sampled like torchvision's RandomResizedCrop.get_params, from `gen`."""
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target_area = area * _uniform(gen, scale[0], scale[1])
+        aspect = math.exp(_uniform(gen, log_lo, log_hi))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = _randint(gen, 0, height - h)
+            left = _randint(gen, 0, width - w)
+            return top, left, h, w
+    # Fallback: central crop with the aspect ratio clipped into `ratio`.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def augment_batch(
+    x: Tensor,
+    gen: torch.Generator,
+    out_size: int | tuple[int, int],
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    jitter: int = 32,
+    flip: bool = True,
+) -> Tensor:
+    """Random-resized crop + horizontal flip + roll, one random draw shared by the whole batch.
+
+    The crop (scale in `crop_scale`, aspect ratio in [3/4, 4/3]) is resized to `out_size` bilinearly, so
+    the result is differentiable w.r.t. `x`; the flip has probability 0.5 (if `flip`); the roll shifts by
+    (dy, dx) uniform in [-jitter, jitter]. All randomness comes from `gen`, a CPU generator.
+    """
+    if gen.device.type != "cpu":
+        raise ValueError(f"augment_batch needs a CPU torch.Generator, got one on {gen.device}")
+    if x.dim() != 4:
+        raise ValueError(f"expected images [N, C, H, W], got shape {tuple(x.shape)}")
+    size = (out_size, out_size) if isinstance(out_size, int) else (int(out_size[0]), int(out_size[1]))
+    height, width = x.shape[-2], x.shape[-1]
+    top, left, h, w = _crop_params(gen, height, width, crop_scale, (3.0 / 4.0, 4.0 / 3.0))
+    out = x[:, :, top : top + h, left : left + w]
+    if (h, w) != size:
+        out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+    if flip and _uniform(gen, 0.0, 1.0) < 0.5:
+        out = out.flip(-1)
+    if jitter > 0:
+        dy = _randint(gen, -jitter, jitter)
+        dx = _randint(gen, -jitter, jitter)
+        out = torch.roll(out, shifts=(dy, dx), dims=(2, 3))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# DWA
+
+
+def _module_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    return [(m, m.training) for m in model.modules()]
+
+
+def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    for m, training in modes:
+        m.training = training
+
+
+def restore_parameters(teacher: nn.Module, saved: Sequence[Tensor]) -> None:
+    """Copy `saved` (from `dwa_perturb`) back into the teacher's parameters, bitwise exactly."""
+    params = list(teacher.parameters())
+    if len(params) != len(saved):
+        raise ValueError(f"saved has {len(saved)} tensors but the teacher has {len(params)} parameters")
+    with torch.no_grad():
+        for p, s in zip(params, saved, strict=True):
+            p.copy_(s)
+
+
+def dwa_perturb(
+    teacher: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], params: DWAParams
+) -> list[Tensor]:
+    """Perturb the teacher's parameters in place by K = `params.steps` normalized gradient-ascent steps on CE.
+
+    Step k uses `batches[k]` (normalized real images, labels): e = grad * (rho / K) / (||grad||_2 + 1e-12),
+    one global L2 norm over all parameter gradients, theta += e. The teacher runs in eval mode, so its BN
+    running buffers never change; buffers are never perturbed. Gradients come from `torch.autograd.grad`, so
+    no `.grad` is read or written. Returns clones of the original parameters for `restore_parameters`; if
+    an error occurs the parameters are restored before it propagates. Module modes and requires_grad flags
+    are restored on return.
+    """
+    if len(batches) != params.steps:
+        raise ValueError(f"DWA needs {params.steps} batches (one per step), got {len(batches)}")
+    plist = list(teacher.parameters())
+    if not plist:
+        raise ValueError("the teacher has no parameters to perturb")
+    saved = [p.detach().clone() for p in plist]
+    flags = [p.requires_grad for p in plist]
+    modes = _module_modes(teacher)
+    step_size = params.rho / params.steps
+    teacher.eval()
+    try:
+        for p in plist:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for images, labels in batches:
+                loss = F.cross_entropy(teacher(images).float(), labels)
+                grads = torch.autograd.grad(loss, plist, allow_unused=True)
+                used = [(p, g) for p, g in zip(plist, grads, strict=True) if g is not None]
+                if not used:
+                    raise RuntimeError("the DWA loss does not depend on any teacher parameter")
+                norms = torch.stack([torch.linalg.vector_norm(g.detach()).to(torch.float64) for _, g in used])
+                scale = step_size / (torch.linalg.vector_norm(norms) + 1e-12)
+                with torch.no_grad():
+                    for p, g in used:
+                        p.add_(g * scale.to(g.dtype))
+    except BaseException:
+        restore_parameters(teacher, saved)
+        raise
+    finally:
+        for p, f in zip(plist, flags, strict=True):
+            p.requires_grad_(f)
+        _restore_modes(modes)
+    return saved
+
+
+# --------------------------------------------------------------------------------------------------
+# Recover
+
+
+def synthesize_batch(
+    teacher: nn.Module,
+    targets: Tensor,
+    init: Tensor,
+    params: RecoverParams,
+    gen: torch.Generator,
+    *,
+    dwa_batches: Sequence[tuple[Tensor, Tensor]] | None = None,
+    dwa: DWAParams | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Optimize one batch of synthetic images against `teacher` (SRe2L recover; DWA when `dwa_batches`).
+
+    `targets` [B] are class ids, `init` [B, 3, H, W] normalized initial images (on the teacher's device).
+    If `dwa_batches` is given, the teacher is first perturbed by `dwa_perturb` (with `dwa`, default
+    `DWAParams(steps=len(dwa_batches))`) and the clean parameters are restored in all cases. The teacher's
+    values, buffers, module modes and requires_grad flags are as before on return, and no `.grad` is set.
+
+    Returns (images denormalized to [0, 1], float32, detached, on init's device;
+    {"ce", "bn", "total"}: per-iteration losses [iterations] on the same device, detached).
+    """
+    if init.dim() != 4 or init.shape[1] != len(mean):
+        raise ValueError(f"init must be [B, {len(mean)}, H, W], got shape {tuple(init.shape)}")
+    if targets.dim() != 1 or targets.shape[0] != init.shape[0]:
+        raise ValueError(f"targets must be [B] with B = {init.shape[0]}, got shape {tuple(targets.shape)}")
+    if dwa is not None and dwa_batches is None:
+        raise ValueError("DWAParams given without dwa_batches (real images for the weight perturbation)")
+    hook = BNStatsHook(teacher, r_var=params.r_var)  # raises early if the teacher has no BatchNorm2d
+
+    device = init.device
+    use_channels_last = channels_last and device.type == "cuda"
+    plist = list(teacher.parameters())
+    flags = [p.requires_grad for p in plist]
+    modes = _module_modes(teacher)
+    saved: list[Tensor] | None = None
+    iters = params.iterations
+    hist = {k: torch.zeros(iters, device=device, dtype=torch.float32) for k in ("ce", "bn", "total")}
+    try:
+        teacher.eval()
+        if use_channels_last:
+            teacher.to(memory_format=torch.channels_last)
+        if dwa_batches is not None:
+            dwa_params = dwa if dwa is not None else DWAParams(steps=len(dwa_batches))
+            saved = dwa_perturb(teacher, dwa_batches, dwa_params)
+        for p in plist:
+            p.requires_grad_(False)
+
+        x = init.detach().clone().float()
+        if use_channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=params.lr, betas=params.betas)
+        out_size = (int(x.shape[-2]), int(x.shape[-1]))
+        with torch.enable_grad(), hook:
+            for it in range(iters):
+                lr = cosine_lr(params.lr, it, iters)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                xa = augment_batch(x, gen, out_size, params.crop_scale, params.jitter, params.flip)
+                with torch.autocast(
+                    device_type=device.type,
+                    dtype=autocast_dtype or torch.bfloat16,
+                    enabled=autocast_dtype is not None,
+                ):
+                    logits = teacher(xa)
+                ce = F.cross_entropy(logits.float(), targets)
+                bn = hook.loss(params.first_bn_multiplier)
+                loss = ce + params.r_bn * bn
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    clamp_to_image_(x, mean, std)
+                hist["ce"][it] = ce.detach()
+                hist["bn"][it] = bn.detach()
+                hist["total"][it] = loss.detach()
+    finally:
+        if saved is not None:
+            restore_parameters(teacher, saved)
+        for p, f in zip(plist, flags, strict=True):
+            p.requires_grad_(f)
+        _restore_modes(modes)
+
+    images = denormalize(x.detach(), mean, std).clamp_(0.0, 1.0).contiguous()
+    return images, hist
