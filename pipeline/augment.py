@@ -288,4 +288,4 @@ def render_batch(
         )
     if not images:
         return torch.empty(0, 3, resolution, resolution)
-    return torch.stack([render_view(i, q, p, resolution) for i, q, p in zip(images, partners, params)])
+    return torch.stack([render_view(i, q, p, resolution) for i, q, p in zip(images, partners, params, strict=True)])

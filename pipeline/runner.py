@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from manifests.schema import Record
-from manifests.store import STAGE_RECORD, ManifestStore, atomic_write_text
+from manifests.store import STAGE_RECORD, atomic_write_text
 from pipeline import __version__
 from pipeline.config import Config, ConfigError
 from pipeline.stages import STAGE_ORDER, get_stage
@@ -130,13 +130,15 @@ def prepare(ctx: RunContext, fresh: bool) -> None:
 
 def _record(ctx: RunContext, stage: str, outcome: Outcome) -> Record:
     result = outcome.result
+    usage = outcome.usage_error.replace("\n", " | ")
+    error = f"config error: {usage}\n{outcome.error}" if usage else outcome.error
     return Record(
         run_id=ctx.run_id, stage=stage, unit=outcome.unit.key, status="done" if outcome.ok else "failed",
         config_hash=ctx.hashes[stage], seed=ctx.unit_seed(stage, outcome.unit.key),
         inputs=tuple(result.inputs) if result else (), outputs=tuple(result.outputs) if result else (),
         metrics=dict(result.metrics) if result else {}, code_version=ctx.code_version,
         host=outcome.host or socket.gethostname(), attempt=outcome.attempt, started=outcome.started,
-        ended=outcome.ended, error=outcome.error,
+        ended=outcome.ended, error=error,
     )
 
 
@@ -179,6 +181,9 @@ def run_stage(ctx: RunContext, name: str, executor: Executor, progress: bool = T
                 LocalExecutor(max_attempts=1).run_units(stage, ctx, pending, on_outcome)
         finally:
             bar.close()
+    usage = [r for r in failures if r.error.startswith("config error: ")]
+    if usage:
+        raise ConfigError(f"stage '{name}' unit {usage[0].unit}: {usage[0].error.splitlines()[0][14:]}")
     missing = [u.key for u in units if u.key not in store.done_keys(name, ctx.hashes[name])]
     if missing:
         first = failures[0].error.strip().splitlines()[-1] if failures else "no record was written"

@@ -225,7 +225,7 @@ class SoftLabelTable:
         self.topk_val = _fixed_np(table.column("topk_val"), k, np.float16)
 
         self._row: dict[tuple[int, int], int] = {}
-        for r, key in enumerate(zip(self.epoch.tolist(), self.image_id.tolist())):
+        for r, key in enumerate(zip(self.epoch.tolist(), self.image_id.tolist(), strict=True)):
             if key in self._row:
                 raise ValueError(f"duplicate soft labels for (epoch, image_id) = {key}")
             self._row[key] = r

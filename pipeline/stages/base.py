@@ -43,6 +43,7 @@ class Outcome:
     started: float = 0.0
     ended: float = 0.0
     host: str = ""
+    usage_error: str = ""  # a ConfigError's message: bad input, not worth retrying
 
     @property
     def ok(self) -> bool:
@@ -117,10 +118,14 @@ def execute(worker: UnitWorker, unit: Unit, attempt: int = 1) -> Outcome:
         result = worker.run(unit)
         return Outcome(unit, result, attempt=attempt, started=started, ended=time.time(), host=host)
     except Exception as exc:  # noqa: BLE001 - the traceback goes into the failure record
+        from pipeline.config import ConfigError
+
+        usage = str(exc) if isinstance(exc, ConfigError) else ""
         error = "".join(traceback.format_exception(exc))
         if _is_oom(exc):
             error = "out of memory while running this unit (it will be retried)\n" + error
-        return Outcome(unit, None, error=error, attempt=attempt, started=started, ended=time.time(), host=host)
+        return Outcome(unit, None, error=error, attempt=attempt, started=started, ended=time.time(), host=host,
+                       usage_error=usage)
 
 
 def _is_oom(exc: BaseException) -> bool:

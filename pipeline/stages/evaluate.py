@@ -1,14 +1,90 @@
-"""evaluate stage (work in progress)."""
+"""Evaluate: student top-1 / top-5 on the real val shards, the run summary and its protocol."""
 
 from __future__ import annotations
 
-from pipeline.stages.base import Stage
+import json
+from typing import Any
+
+from manifests.store import STAGE_RECORD, atomic_write_text
+from pipeline.stages.base import RunContext, Stage, Unit, UnitResult
+from pipeline.stages.common import STUDENT, data_args, real_meta
+
+SUMMARY = "results/summary.json"
 
 
-class _S(Stage):
+def protocol(ctx: RunContext) -> dict[str, Any]:
+    c = ctx.config
+    return {"teacher": c.squeeze.arch, "student": c.train.arch, "resolution": c.data.resolution,
+            "epochs": c.train.epochs, "batch_size": c.train.batch_size, "optimizer": "adamw",
+            "lr": c.train.lr, "weight_decay": c.train.weight_decay, "temperature": c.train.temperature,
+            "augmentation": f"random-resized-crop(scale {c.train.crop_scale_min}-1) + flip + {c.train.mix}"
+                            + (f"(alpha {c.train.mix_alpha})" if c.train.mix != "none" else ""),
+            "relabel_mode": c.relabel.mode, "top_k": c.relabel.top_k, "recover_iterations": c.recover.iterations}
+
+
+class EvaluateStage(Stage):
     name = "evaluate"
     depends_on = ("train",)
     sections = ("seed", "eval")
 
+    def plan(self, ctx: RunContext) -> list[Unit]:
+        return [Unit("job")]
 
-STAGE = _S()
+    def open_worker(self, ctx: RunContext) -> EvaluateWorker:
+        return EvaluateWorker(ctx)
+
+    def finalize(self, ctx: RunContext) -> dict[str, Any]:
+        return {"summary": SUMMARY}
+
+
+class EvaluateWorker:
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+
+    def run(self, unit: Unit) -> UnitResult:
+        import time
+
+        from pipeline import ddp
+        from pipeline.models import build_model
+        from pipeline.trainloop import evaluate, load_weights, val_loader
+
+        ctx, c = self.ctx, self.ctx.config
+        t0 = time.time()
+        args = data_args(ctx)
+        device = ddp.device_for_rank()
+        model = build_model(c.train.arch, args["num_classes"], c.data.resolution)
+        model.load_state_dict(load_weights(ctx.path(STUDENT)))
+        m = evaluate(model.to(device), val_loader(args, 0, 1, device), device, c.train.amp)
+        store = ctx.store
+        squeeze = store.load("squeeze", "import") or store.load("squeeze", "train")
+        train = store.load("train", "job")
+        history = train.metrics.get("history", []) if train else []
+        wall = {}
+        for stage in ("ingest", "squeeze", "recover", "relabel", "train"):
+            rec = store.load(stage, STAGE_RECORD)
+            if rec is not None:
+                wall[stage] = rec.metrics.get("wall_s")
+        wall["evaluate"] = round(time.time() - t0, 3)
+        relabel = store.load("relabel", STAGE_RECORD)
+        summary = {
+            "run_id": ctx.run_id, "dataset": c.data.dataset, "method": c.recover.method, "ipc": c.recover.ipc,
+            "num_classes": real_meta(ctx)["num_classes"], "num_images": train.metrics.get("num_images") if train else None,
+            "teacher": c.squeeze.arch, "student": c.train.arch,
+            "teacher_top1": squeeze.metrics.get("teacher_top1") if squeeze else None,
+            "top1": m["top1"], "top5": m["top5"], "val_images": m["n"],
+            "best_top1": max([m["top1"]] + [h["top1"] for h in history]),
+            "epochs": c.train.epochs, "relabel_mode": c.relabel.mode, "seed": c.seed, "wall_s": wall,
+            "soft_label_bytes": relabel.metrics.get("soft_label_bytes") if relabel else None,
+            "full_logit_bytes": relabel.metrics.get("full_logit_bytes") if relabel else None,
+            "protocol": protocol(ctx),
+        }
+        path = ctx.path(SUMMARY)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(summary, indent=1))
+        return UnitResult(outputs=[ctx.ref(path)], metrics=summary)
+
+    def close(self) -> None:
+        pass
+
+
+STAGE = EvaluateStage()

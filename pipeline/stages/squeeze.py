@@ -1,14 +1,59 @@
-"""squeeze stage (work in progress)."""
+"""Squeeze: the teacher. Trained on the real shards with DDP (resumable per epoch) or imported."""
 
 from __future__ import annotations
 
-from pipeline.stages.base import Stage
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError
+from pipeline.stages.base import RunContext, Stage, Unit, UnitResult
+from pipeline.stages.common import TEACHER, data_args, launch
 
 
-class _S(Stage):
+class SqueezeStage(Stage):
     name = "squeeze"
     depends_on = ("ingest",)
-    sections = ("seed", "squeeze","data")
+    sections = ("seed", "squeeze")
+    output_dirs = ()
+
+    def validate(self, ctx: RunContext) -> None:
+        w = ctx.config.squeeze.weights
+        if w and (Path(w).suffix in (".pt", ".pth", ".bin", ".ckpt") or "/" in w) and not Path(w).is_file():
+            raise ConfigError(f"squeeze.weights: file not found: {w}")
+
+    def plan(self, ctx: RunContext) -> list[Unit]:
+        return [Unit("import" if ctx.config.squeeze.weights else "train")]
+
+    def open_worker(self, ctx: RunContext) -> SqueezeWorker:
+        return SqueezeWorker(ctx)
 
 
-STAGE = _S()
+class SqueezeWorker:
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+
+    def run(self, unit: Unit) -> UnitResult:
+        from pipeline.trainloop import import_teacher, train_teacher
+
+        ctx, sq = self.ctx, self.ctx.config.squeeze
+        args: dict[str, Any] = {
+            **data_args(ctx), "arch": sq.arch, "epochs": sq.epochs, "batch_size": sq.batch_size,
+            "optimizer": sq.optimizer, "lr": sq.lr, "weight_decay": sq.weight_decay, "amp": sq.amp,
+            "weights": sq.weights, "checkpoint": str(ctx.path("checkpoints", "squeeze-last.pt")),
+            "output": str(ctx.path(TEACHER)), "config_hash": ctx.hashes["squeeze"],
+        }
+        if unit.key == "import":
+            try:
+                metrics = import_teacher(args)
+            except (ValueError, FileNotFoundError) as exc:
+                raise ConfigError(str(exc)) from None
+        else:
+            metrics = launch(ctx, train_teacher, args, sq.workers)
+        metrics["arch"] = sq.arch
+        return UnitResult(outputs=[ctx.ref(ctx.path(TEACHER))], metrics=metrics)
+
+    def close(self) -> None:
+        pass
+
+
+STAGE = SqueezeStage()

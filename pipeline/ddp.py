@@ -1,0 +1,135 @@
+"""Helpers for DDP jobs that run unchanged under torchrun, Ray Train or the local launcher.
+
+A job is a picklable function `fn(arg)` (module level) that calls `init_from_env()` (a no-op when the
+launcher has already set up the process group, as Ray Train does), places itself on `device_for_rank()`,
+wraps its model in DistributedDataParallel when `dist_info()[1] > 1`, and returns a small picklable value
+from rank 0. `launch_local` runs such a job in this process (1 worker) or in spawned processes.
+No Ray here: `workers.ray_train` runs the same function on Ray Train.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import tempfile
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+_RESULT_FILE = "rank0_result.pkl"
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def dist_info() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from the process group, else from the environment (torchrun's names)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if _initialized():
+        return dist.get_rank(), dist.get_world_size(), local_rank
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), local_rank
+
+
+def device_for_rank() -> torch.device:
+    """cuda:LOCAL_RANK (modulo the visible GPUs) when CUDA is available, else cpu."""
+    if torch.cuda.is_available():
+        local_rank = dist_info()[2]
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> bool:
+    """Initialise the process group from torchrun-style env vars when WORLD_SIZE > 1.
+
+    Returns True when a process group is in place (already, or now). No-op for a single process and when
+    the group already exists (Ray Train initialises it). Backend: nccl with CUDA, else gloo.
+    """
+    if _initialized():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(device_for_rank())
+    dist.init_process_group(backend=backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
+    return True
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over ranks in place (and return it); unchanged without a process group."""
+    if _initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier() -> None:
+    """Wait for every rank; no-op without a process group."""
+    if _initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def is_rank0() -> bool:
+    """True on rank 0 (and in a single process)."""
+    return dist_info()[0] == 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _spawned(index: int, fn: Callable[[Any], Any], arg: Any, world_size: int, port: int, out_dir: str) -> None:
+    """Entry point of one spawned rank (torch.multiprocessing passes the index first)."""
+    os.environ.update({
+        "RANK": str(index), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(index),
+        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+    })
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    init_from_env()
+    try:
+        value = fn(arg)
+        if index == 0:
+            tmp = Path(out_dir) / (_RESULT_FILE + ".tmp")
+            with open(tmp, "wb") as fh:
+                pickle.dump(value, fh)
+            os.replace(tmp, Path(out_dir) / _RESULT_FILE)
+    finally:
+        if _initialized():
+            dist.destroy_process_group()
+
+
+def launch_local(fn: Callable[[Any], Any], arg: Any, world_size: int) -> Any:
+    """Run the DDP job `fn(arg)` on `world_size` local processes and return rank 0's return value.
+
+    world_size 1: `fn(arg)` in this process. More: `world_size` spawned processes with RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR=127.0.0.1 and a free MASTER_PORT set; each calls `init_from_env()` then
+    `fn(arg)`. `fn` and `arg` must be picklable (a module-level function). If any rank fails the others are
+    stopped and RuntimeError carries the failing rank's traceback.
+    """
+    if world_size <= 1:
+        return fn(arg)
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="distill-ddp-") as out_dir:
+        try:
+            mp.start_processes(_spawned, args=(fn, arg, world_size, free_port(), out_dir), nprocs=world_size,
+                               join=True, start_method="spawn")
+        except mp.ProcessRaisedException as exc:
+            raise RuntimeError(f"DDP rank {exc.error_index} of {world_size} failed:\n{exc}") from None
+        except mp.ProcessExitedException as exc:
+            raise RuntimeError(f"DDP rank {exc.error_index} of {world_size} died: {exc}") from None
+        path = Path(out_dir) / _RESULT_FILE
+        if not path.exists():
+            raise RuntimeError("DDP job finished but rank 0 wrote no result")
+        with open(path, "rb") as fh:
+            return pickle.load(fh)  # written by our own rank 0 just now

@@ -1,0 +1,160 @@
+"""Student training on the synthetic set with teacher soft labels (stored top-k or online).
+
+The view of image i in epoch e (crop, flip, CutMix/Mixup partner and box) is a pure function
+of (run seed, e, i) (`pipeline.augment.draw_view`), so stored soft labels line up with the
+student's crops for any batch size and number of ranks. The epoch's image order is shared
+by all ranks and padded by wrap-around so every rank runs the same number of batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline import ddp
+from pipeline.augment import ViewConfig, draw_views, render_batch
+from pipeline.models import build_model
+from pipeline.optim import cosine_schedule, make_optimizer
+from pipeline.seeding import derive_seed, generator
+from pipeline.softlabels import kd_loss, read_soft_labels, teacher_probs, topk_fp16
+from pipeline.synthesis import normalize
+from pipeline.trainloop import (
+    autocast,
+    evaluate,
+    load_weights,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+    val_loader,
+    wrap_ddp,
+)
+
+log = logging.getLogger(__name__)
+
+
+def epoch_batches(num_images: int, global_batch: int, world: int, rank: int, seed: int, epoch: int) -> list[list[int]]:
+    """This rank's batches of image ids for one epoch: same count on every rank, every image at least once."""
+    perm = torch.randperm(num_images, generator=generator(seed, "train-order", epoch)).tolist()
+    n_batches = math.ceil(num_images / global_batch)
+    need = n_batches * global_batch
+    order = (perm * math.ceil(need / num_images))[:need]
+    return [order[b * global_batch:(b + 1) * global_batch][rank::world] for b in range(n_batches)]
+
+
+class ViewBatches(torch.utils.data.Dataset):
+    """Item b = (normalized views [B,3,R,R], image ids [B]) of this rank's b-th batch of an epoch."""
+
+    def __init__(self, images: torch.Tensor, batches: list[list[int]], seed: int, epoch: int, cfg: ViewConfig) -> None:
+        self.images, self.batches, self.seed, self.epoch, self.cfg = images, batches, seed, epoch, cfg
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self.batches[b]
+        return render_views(self.images, ids, self.seed, self.epoch, self.cfg), torch.tensor(ids, dtype=torch.long)
+
+
+def render_views(images: torch.Tensor, ids: list[int], seed: int, epoch: int, cfg: ViewConfig) -> torch.Tensor:
+    """Normalized views of `ids` in `epoch` (the same for relabel and for the student)."""
+    params = draw_views(seed, epoch, ids, len(images), cfg)
+    imgs = [images[i].float() / 255.0 for i in ids]
+    partners = [images[p.partner].float() / 255.0 if p.partner >= 0 else None for p in params]
+    return normalize(render_batch(imgs, partners, params, cfg.resolution))
+
+
+def view_config(args: dict[str, Any]) -> ViewConfig:
+    return ViewConfig(resolution=args["resolution"], crop_scale=(args["crop_scale_min"], 1.0), mix=args["mix"],
+                      mix_alpha=args["mix_alpha"])
+
+
+def load_teacher(args: dict[str, Any], device: torch.device) -> nn.Module:
+    teacher = build_model(args["teacher_arch"], args["num_classes"], args["resolution"])
+    teacher.load_state_dict(load_weights(Path(args["teacher"])))
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def train_student(args: dict[str, Any]) -> dict[str, Any]:
+    """DDP student training; `args` is a plain dict (see the train stage) so it crosses process boundaries."""
+    from pipeline.data.synthetic import load_images
+
+    ddp.init_from_env()
+    rank, world, _ = ddp.dist_info()
+    device = ddp.device_for_rank()
+    images, _ = load_images(Path(args["synthetic_dir"]), _index(args), None)
+    n, num_classes, k, temp = len(images), args["num_classes"], args["top_k"], args["temperature"]
+    cfg = view_config(args)
+    torch.manual_seed(derive_seed(args["seed"], "train", "init"))
+    model = build_model(args["arch"], num_classes, args["resolution"]).to(device)
+    opt = make_optimizer(model, lr=args["lr"], weight_decay=args["weight_decay"])
+    sched = cosine_schedule(opt, args["epochs"])
+    table = read_soft_labels(args["soft_labels"]) if args["relabel_mode"] == "stored" else None
+    teacher = load_teacher(args, device) if table is None else None
+    start, resumed_from, history = 0, None, []
+    ckpt_path = Path(args["checkpoint"])
+    if ckpt_path.exists():
+        ckpt = load_weights(ckpt_path)
+        if ckpt.get("config_hash") == args["config_hash"]:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            set_rng_state(ckpt["rng"])
+            history = list(ckpt.get("history", []))
+            start = resumed_from = int(ckpt["epoch"]) + 1
+            if ddp.is_rank0():
+                log.info("train: resuming from the checkpoint of epoch %d", start - 1)
+    net = wrap_ddp(model, device)
+    t0 = time.time()
+    every = args["eval_every"]
+    for epoch in range(start, args["epochs"]):
+        net.train()
+        batches = epoch_batches(n, args["batch_size"], world, rank, args["seed"], epoch)
+        data = ViewBatches(images, batches, args["seed"], epoch, cfg)
+        loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=args["num_workers"],
+                                             persistent_workers=False)
+        total = torch.zeros(2, dtype=torch.float64, device=device)
+        for x, ids in loader:
+            x = x.to(device, non_blocking=True)
+            if table is not None:
+                idx, vals = table.lookup(epoch, ids.tolist())
+            else:
+                with torch.no_grad(), autocast(device, args["amp"]):
+                    idx, vals = topk_fp16(teacher(x).float(), k)
+            target = teacher_probs(idx.to(device), vals.to(device), num_classes, temp)
+            with autocast(device, args["amp"]):
+                out = net(x).float()
+            loss = kd_loss(out, target, temp)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total[0] += loss.detach() * len(ids)
+            total[1] += len(ids)
+        sched.step()
+        if every and (epoch + 1) % every == 0 and epoch + 1 < args["epochs"]:
+            m = evaluate(net, val_loader(args, rank, world, device), device, args["amp"])
+            history.append({"epoch": epoch + 1, "top1": m["top1"], "top5": m["top5"]})
+        ddp.all_reduce_sum(total)
+        if ddp.is_rank0():
+            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                         "epoch": epoch, "rng": rng_state(), "config_hash": args["config_hash"],
+                         "history": history}, ckpt_path)
+            if (epoch + 1) % max(1, args["epochs"] // 10) == 0 or epoch + 1 == args["epochs"]:
+                log.info("train: epoch %d/%d kd loss %.4f (%.1fs)", epoch + 1, args["epochs"],
+                         float(total[0] / max(1.0, float(total[1]))), time.time() - t0)
+        ddp.barrier()
+    if ddp.is_rank0():
+        save_atomic(model.state_dict(), Path(args["output"]))
+    return {"epochs": args["epochs"], "num_images": n, "history": history, "resumed_from_epoch": resumed_from,
+            "world_size": world, "train_seconds": round(time.time() - t0, 2)}
+
+
+def _index(args: dict[str, Any]):  # noqa: ANN202 - pyarrow table
+    from pipeline.data.shards import read_index
+
+    return read_index([Path(p) for p in args["synthetic_index"]])

@@ -1,0 +1,221 @@
+"""Training and evaluation loops shared by the squeeze (teacher) and train (student) stages.
+
+Every function here runs unchanged in one process, under torchrun, or inside a Ray Train
+worker: `pipeline.ddp.init_from_env()` joins the process group when there is one.
+Checkpoints are written by rank 0 through a temp file and a rename, once per epoch, and
+hold model, optimizer, scheduler, epoch and RNG states; a restarted job resumes from them
+when their config hash matches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline import ddp
+from pipeline.models import build_model, load_state_dict_checked
+from pipeline.seeding import derive_seed
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save through a temporary name and a rename (a crash never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_weights(path: Path) -> dict[str, Any]:
+    """Load a checkpoint or state_dict without unpickling arbitrary objects."""
+    return torch.load(Path(path), map_location="cpu", weights_only=True)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    if ddp.dist_info()[1] > 1:
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def autocast(device: torch.device, enabled: bool) -> Any:
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, device: torch.device, amp: bool = False) -> dict[str, float]:
+    """Top-1 / top-5 over a loader; labels < 0 are padding (uneven DDP shards) and are ignored.
+
+    Counts are summed over ranks, so every rank returns the global figures.
+    """
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(3, dtype=torch.float64, device=device)  # correct1, correct5, n
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        keep = labels >= 0
+        if not bool(keep.any()):
+            continue
+        with autocast(device, amp):
+            logits = model(images[keep]).float()
+        y = labels[keep]
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        counts[0] += (top[:, 0] == y).sum()
+        counts[1] += (top == y[:, None]).any(dim=1).sum()
+        counts[2] += y.numel()
+    ddp.all_reduce_sum(counts)
+    model.train(was_training)
+    n = max(1.0, float(counts[2]))
+    return {"top1": 100.0 * float(counts[0]) / n, "top5": 100.0 * float(counts[1]) / n, "n": int(counts[2])}
+
+
+def val_loader(args: dict[str, Any], rank: int, world: int, device: torch.device) -> Any:
+    from pipeline.data.loaders import make_loader
+
+    return make_loader(args["val_shards"], train=False, batch_size=args["eval_batch_size"],
+                       resolution=args["resolution"], rank=rank, world_size=world, backend=args["loader"],
+                       num_workers=args["num_workers"], seed=args["seed"], device=device.type)
+
+
+# ---------------------------------------------------------------------------- teacher (squeeze)
+
+
+def train_teacher(args: dict[str, Any]) -> dict[str, Any]:
+    """Train the teacher on the real shards with DDP; resume from the last epoch's checkpoint.
+
+    `args`: arch, num_classes, resolution, epochs, batch_size (global), optimizer, lr, weight_decay,
+    amp, seed, train_shards, val_shards, num_train, loader, num_workers, eval_batch_size,
+    checkpoint (path), output (path of the final state_dict), config_hash.
+    """
+    from pipeline.data.loaders import make_loader
+
+    ddp.init_from_env()
+    rank, world, _ = ddp.dist_info()
+    device = ddp.device_for_rank()
+    torch.manual_seed(derive_seed(args["seed"], "squeeze", "init"))
+    model = build_model(args["arch"], args["num_classes"], args["resolution"]).to(device)
+    if args["optimizer"] == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=args["lr"], momentum=0.9, nesterov=True,
+                              weight_decay=args["weight_decay"])
+    else:
+        from pipeline.optim import make_optimizer
+
+        opt = make_optimizer(model, lr=args["lr"], weight_decay=args["weight_decay"])
+    epochs = args["epochs"]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 * (1 + math.cos(math.pi * e / epochs)))
+    start, resumed_from = 0, None
+    ckpt_path = Path(args["checkpoint"])
+    if ckpt_path.exists():
+        ckpt = load_weights(ckpt_path)
+        if ckpt.get("config_hash") == args["config_hash"]:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            set_rng_state(ckpt["rng"])
+            start = resumed_from = int(ckpt["epoch"]) + 1
+            if ddp.is_rank0():
+                log.info("squeeze: resuming from the checkpoint of epoch %d", start - 1)
+    net = wrap_ddp(model, device)
+    per_rank = max(1, args["batch_size"] // world)
+    t0 = time.time()
+    for epoch in range(start, epochs):
+        net.train()
+        loader = make_loader(args["train_shards"], train=True, batch_size=per_rank, resolution=args["resolution"],
+                             rank=rank, world_size=world, backend=args["loader"], num_workers=args["num_workers"],
+                             seed=args["seed"], epoch=epoch, num_samples=args["num_train"], device=device.type)
+        total = torch.zeros(2, dtype=torch.float64, device=device)
+        for images, labels in loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with autocast(device, args["amp"]):
+                loss = F.cross_entropy(net(images).float(), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total[0] += loss.detach() * labels.numel()
+            total[1] += labels.numel()
+        sched.step()
+        ddp.all_reduce_sum(total)
+        if ddp.is_rank0():
+            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                         "epoch": epoch, "rng": rng_state(), "config_hash": args["config_hash"]}, ckpt_path)
+            log.info("squeeze: epoch %d/%d loss %.4f (%.1fs)", epoch + 1, epochs,
+                     float(total[0] / max(1.0, float(total[1]))), time.time() - t0)
+        ddp.barrier()
+    metrics = evaluate(net, val_loader(args, rank, world, device), device, args["amp"])
+    if ddp.is_rank0():
+        save_atomic(model.state_dict(), Path(args["output"]))
+    return {"teacher_top1": metrics["top1"], "teacher_top5": metrics["top5"], "val_images": metrics["n"],
+            "epochs": epochs, "resumed_from_epoch": resumed_from, "world_size": world,
+            "train_seconds": round(time.time() - t0, 2)}
+
+
+def import_teacher(args: dict[str, Any]) -> dict[str, Any]:
+    """Load given weights (a state_dict file or a torchvision weights name), check them, evaluate."""
+    device = ddp.device_for_rank()
+    model = build_model(args["arch"], args["num_classes"], args["resolution"])
+    source = args["weights"]
+    load_state_dict_checked(model, resolve_weights(source), source)
+    model.to(device)
+    metrics = evaluate(model, val_loader(args, 0, 1, device), device, args["amp"])
+    save_atomic(model.state_dict(), Path(args["output"]))
+    return {"teacher_top1": metrics["top1"], "teacher_top5": metrics["top5"], "val_images": metrics["n"],
+            "weights": source}
+
+
+def resolve_weights(source: str) -> dict[str, torch.Tensor]:
+    """A state_dict from a file (weights_only) or from torchvision's local cache; never downloads."""
+    path = Path(source)
+    if path.suffix in (".pt", ".pth", ".bin", ".ckpt") or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"squeeze.weights: file not found: {path}")
+        state = load_weights(path)
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]  # one of our own checkpoints
+        return state
+    from torchvision.models import get_weight
+
+    try:
+        weights = get_weight(source)
+    except (ValueError, KeyError, AttributeError):
+        raise ValueError(f"squeeze.weights: '{source}' is neither a file nor a torchvision weights name "
+                         "(e.g. ResNet18_Weights.IMAGENET1K_V1)") from None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    if not cached.exists():
+        raise FileNotFoundError(
+            f"squeeze.weights: torchvision weights {source} are not in the local cache ({cached}) and this "
+            f"machine cannot download them; fetch {weights.url} elsewhere and copy it there, or pass a "
+            "state_dict file")
+    return torch.load(cached, map_location="cpu", weights_only=True)

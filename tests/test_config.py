@@ -1,0 +1,73 @@
+"""Configuration loading: recipes, YAML files, overrides, and the errors users see."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import ConfigError, load_config
+from pipeline.runner import compute_hashes
+
+
+def test_recipe_and_overrides_are_typed():
+    cfg = load_config("demo", overrides=["recover.ipc=3", "train.lr=0.002", "seed=7", "recover.method=sre2l"])
+    assert cfg.recover.ipc == 3 and cfg.train.lr == 0.002 and cfg.seed == 7 and cfg.recover.method == "sre2l"
+    cfg = load_config("demo", overrides=["train.lr=1"])  # an int where a float is expected is accepted
+    assert isinstance(cfg.train.lr, float)
+
+
+def test_unknown_key_names_closest():
+    with pytest.raises(ConfigError, match=r"recover\.ipcc.*did you mean 'ipc'"):
+        load_config("demo", overrides=["recover.ipcc=3"])
+    with pytest.raises(ConfigError, match=r"unknown config section 'recovr'.*'recover'"):
+        load_config("demo", overrides=["recovr.ipc=3"])
+
+
+def test_wrong_type_names_key_and_type():
+    with pytest.raises(ConfigError, match=r"'recover\.ipc': expected int, got 'ten'"):
+        load_config("demo", overrides=["recover.ipc=ten"])
+    with pytest.raises(ConfigError, match=r"'recover\.method': 'foo' is not one of"):
+        load_config("demo", overrides=["recover.method=foo"])
+    with pytest.raises(ConfigError, match=r"recover\.ipc' must be > 0"):
+        load_config("demo", overrides=["recover.ipc=0"])
+
+
+def test_yaml_file_with_base_recipe(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("recipe: demo\nseed: 3\nrecover:\n  ipc: 2\n")
+    cfg = load_config(config_file=str(path), overrides=["recover.ipc=4"])
+    assert cfg.seed == 3 and cfg.recover.ipc == 4 and cfg.data.dataset == "digits"
+    path.write_text("recover:\n  ipc: [1, 2]\n")
+    with pytest.raises(ConfigError, match=r"recover\.ipc"):
+        load_config(config_file=str(path))
+
+
+def test_unknown_recipe():
+    with pytest.raises(ConfigError, match="unknown recipe 'dem'.*'demo'"):
+        load_config("dem")
+
+
+def test_hashes_chain_downstream_only():
+    base = compute_hashes(load_config("demo"))
+    changed = compute_hashes(load_config("demo", overrides=["recover.iterations=7"]))
+    assert changed["ingest"] == base["ingest"] and changed["squeeze"] == base["squeeze"]
+    for stage in ("recover", "relabel", "train", "evaluate"):
+        assert changed[stage] != base[stage]
+    # operational keys do not invalidate anything
+    assert compute_hashes(load_config("demo", overrides=["recover.num_workers=5", "data.loader=pil"])) == base
+
+
+def test_cli_exit_code_2_on_bad_config(tmp_path, capsys):
+    assert main(["run", "--run-dir", str(tmp_path / "r"), "--set", "train.epochs=-1"]) == 2
+    assert "train.epochs" in capsys.readouterr().err
+    assert main(["run", "--run-dir", str(tmp_path / "r"), "--data-dir", str(tmp_path / "nope"),
+                 "--stages", "ingest"]) == 2
+
+
+def test_config_json_written(tmp_path):
+    assert main(["run", "--run-dir", str(tmp_path / "r"), "--stages", "ingest", "--no-progress",
+                 "--set", "data.shard_size=600"]) == 0
+    data = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert data["data"]["shard_size"] == 600 and data["run_id"]
