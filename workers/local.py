@@ -21,7 +21,7 @@ class LocalExecutor:
             for unit in units:
                 for attempt in range(1, self.max_attempts + 1):
                     outcome = execute(worker, unit, attempt)
-                    if outcome.ok or attempt == self.max_attempts:
+                    if outcome.ok or outcome.usage_error or attempt == self.max_attempts:
                         on_outcome(outcome)
                         break
         finally:
