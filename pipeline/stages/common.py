@@ -38,7 +38,7 @@ def data_args(ctx: RunContext) -> dict[str, Any]:
 
 def launch(ctx: RunContext, fn: Any, args: dict[str, Any], workers: int) -> dict[str, Any]:
     """Run a DDP job function on `workers` ranks (Ray Train in a Ray run, local processes otherwise)."""
-    from workers.jobs import launch_ddp
+    from workers.ray_train import launch_ddp
 
     return launch_ddp(fn, args, workers, ctx.config)
 
