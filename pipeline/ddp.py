@@ -13,6 +13,8 @@ import os
 import pickle
 import socket
 import tempfile
+import time
+import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -48,14 +50,17 @@ def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> bool:
     """Initialise the process group from torchrun-style env vars when WORLD_SIZE > 1.
 
     Returns True when a process group is in place (already, or now). No-op for a single process and when
-    the group already exists (Ray Train initialises it). Backend: nccl with CUDA, else gloo.
+    the group already exists (Ray Train initialises it). Default backend: nccl when CUDA is available and
+    every local rank can have its own GPU (NCCL refuses two ranks on one GPU), else gloo.
     """
     if _initialized():
         return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
         return False
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        backend = "nccl" if torch.cuda.is_available() and local_world <= torch.cuda.device_count() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(device_for_rank())
     dist.init_process_group(backend=backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
@@ -87,7 +92,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _spawned(index: int, fn: Callable[[Any], Any], arg: Any, world_size: int, port: int, out_dir: str) -> None:
+def _spawned(index: int, fn: Callable[[Any], Any], arg: Any, world_size: int, port: int, out_dir: str,
+             backend: str | None) -> None:
     """Entry point of one spawned rank (torch.multiprocessing passes the index first)."""
     os.environ.update({
         "RANK": str(index), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(index),
@@ -95,24 +101,44 @@ def _spawned(index: int, fn: Callable[[Any], Any], arg: Any, world_size: int, po
     })
     if not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    init_from_env()
     try:
+        init_from_env(backend)
         value = fn(arg)
         if index == 0:
             tmp = Path(out_dir) / (_RESULT_FILE + ".tmp")
             with open(tmp, "wb") as fh:
                 pickle.dump(value, fh)
             os.replace(tmp, Path(out_dir) / _RESULT_FILE)
+    except BaseException:
+        # Time-stamped, so the launcher can name the rank that failed first (the others then fail in
+        # their collectives with "connection closed by peer").
+        (Path(out_dir) / f"error-{index}.txt").write_text(f"{time.time():.6f}\n{traceback.format_exc()}")
+        raise
     finally:
         if _initialized():
             dist.destroy_process_group()
 
 
-def launch_local(fn: Callable[[Any], Any], arg: Any, world_size: int) -> Any:
+def _first_failure(out_dir: str, world_size: int) -> str | None:
+    """The traceback of the rank that failed first, naming the others that failed after it."""
+    found = []
+    for path in Path(out_dir).glob("error-*.txt"):
+        stamp, _, text = path.read_text().partition("\n")
+        found.append((float(stamp), int(path.stem.split("-")[1]), text))
+    if not found:
+        return None
+    found.sort()
+    _, rank, text = found[0]
+    others = ", ".join(str(r) for _, r, _ in found[1:])
+    tail = f"\n(rank(s) {others} failed after it)" if others else ""
+    return f"DDP rank {rank} of {world_size} failed:\n{text}{tail}"
+
+
+def launch_local(fn: Callable[[Any], Any], arg: Any, world_size: int, backend: str | None = None) -> Any:
     """Run the DDP job `fn(arg)` on `world_size` local processes and return rank 0's return value.
 
     world_size 1: `fn(arg)` in this process. More: `world_size` spawned processes with RANK, WORLD_SIZE,
-    LOCAL_RANK, MASTER_ADDR=127.0.0.1 and a free MASTER_PORT set; each calls `init_from_env()` then
+    LOCAL_RANK, MASTER_ADDR=127.0.0.1 and a free MASTER_PORT set; each calls `init_from_env(backend)` then
     `fn(arg)`. `fn` and `arg` must be picklable (a module-level function). If any rank fails the others are
     stopped and RuntimeError carries the failing rank's traceback.
     """
@@ -122,12 +148,15 @@ def launch_local(fn: Callable[[Any], Any], arg: Any, world_size: int) -> Any:
 
     with tempfile.TemporaryDirectory(prefix="distill-ddp-") as out_dir:
         try:
-            mp.start_processes(_spawned, args=(fn, arg, world_size, free_port(), out_dir), nprocs=world_size,
+            mp.start_processes(_spawned, args=(fn, arg, world_size, free_port(), out_dir, backend), nprocs=world_size,
                                join=True, start_method="spawn")
         except mp.ProcessRaisedException as exc:
-            raise RuntimeError(f"DDP rank {exc.error_index} of {world_size} failed:\n{exc}") from None
+            first = _first_failure(out_dir, world_size)
+            raise RuntimeError(first or f"DDP rank {exc.error_index} of {world_size} failed:\n{exc}") from None
         except mp.ProcessExitedException as exc:
-            raise RuntimeError(f"DDP rank {exc.error_index} of {world_size} died: {exc}") from None
+            first = _first_failure(out_dir, world_size)
+            died = f"DDP rank {exc.error_index} of {world_size} died: {exc}"
+            raise RuntimeError(f"{first}\n{died}" if first else died) from None
         path = Path(out_dir) / _RESULT_FILE
         if not path.exists():
             raise RuntimeError("DDP job finished but rank 0 wrote no result")

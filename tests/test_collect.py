@@ -1,0 +1,191 @@
+"""The collector on fabricated run directories: statistics, verification, outputs, exit codes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from manifests.collect import (
+    collect_main,
+    format_cell,
+    format_markdown,
+    load_runs,
+    results_table,
+    verify_outputs,
+)
+from manifests.schema import FileRef, Record
+from manifests.store import STAGE_RECORD, ManifestStore
+
+STAGES = ("ingest", "squeeze", "recover", "relabel", "train", "evaluate")
+# (method, ipc) -> top-1 of seeds 0, 1, 2
+TOP1 = {
+    ("sre2l", 10): [20.0, 22.0, 24.0],
+    ("sre2l", 50): [45.0, 46.0, 47.5],
+    ("dwa", 10): [37.0, 38.5, 38.0],
+    ("dwa", 50): [55.0, 54.0, 56.6],
+}
+
+
+def _rec(run_id: str, stage: str, unit: str, outputs: list[FileRef] = (), metrics: dict | None = None) -> Record:
+    return Record(run_id=run_id, stage=stage, unit=unit, status="done", config_hash="h" + stage, seed=0,
+                  outputs=tuple(outputs), metrics=metrics or {}, ended=1.0)
+
+
+def make_run(root: Path, method: str, ipc: int, seed: int, top1: float, evaluate: bool = True) -> Path:
+    """A run directory with the layout of a real one: config, per-stage records naming tiny outputs."""
+    run_dir = root / f"{method}-ipc{ipc}-s{seed}"
+    run_id = run_dir.name
+    cfg = {"run_id": run_id, "seed": seed, "data": {"dataset": "digits"}, "squeeze": {"arch": "convnet"},
+           "train": {"arch": "convnet"}, "recover": {"method": method, "ipc": ipc}}
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    store = ManifestStore(run_dir)
+    outputs = {
+        "ingest": [("real/shard-000000.tar", b"shard0" * 50), ("real/shard-000001.tar", b"shard1" * 40)],
+        "squeeze": [("checkpoints/teacher.pt", b"teacher" + bytes([seed]))],
+        "recover": [("synthetic/c0000-0009/ipc000-004.tar", b"img" * 30 + bytes([seed, ipc]))],
+        "relabel": [("soft_labels/part-000.parquet", b"soft" * 10)],
+        "train": [("checkpoints/student.pt", b"student" + bytes([seed]))],
+        "evaluate": [("results/summary.json", b"")],
+    }
+    summary = {"dataset": "digits", "method": method, "ipc": ipc, "num_classes": 10, "num_images": 10 * ipc,
+               "teacher": "convnet", "student": "convnet", "teacher_top1": 95.0 + seed, "top1": top1,
+               "top5": top1 + 30.0, "best_top1": top1 + 1.0, "epochs": 100, "relabel_mode": "stored",
+               "seed": seed, "wall_s": {"ingest": 1.0}, "protocol": {"resolution": 32}}
+    for stage in STAGES:
+        if stage == "evaluate" and not evaluate:
+            break
+        refs = []
+        for rel, data in outputs[stage]:
+            path = run_dir / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(json.dumps(summary).encode() if rel.endswith("summary.json") else data)
+            refs.append(FileRef.of(path, run_dir))
+        stage_metrics: dict = {"wall_s": 1.0}
+        if stage == "recover":
+            grid = run_dir / "results" / "grids" / "c0000-0009.png"
+            grid.parent.mkdir(parents=True, exist_ok=True)
+            grid.write_bytes(b"\x89PNG fake")
+            stage_metrics["grids"] = ["results/grids/c0000-0009.png"]
+        store.commit(_rec(run_id, stage, "job" if stage == "evaluate" else f"{stage}-u0", refs,
+                          summary if stage == "evaluate" else {}))
+        store.commit(_rec(run_id, stage, STAGE_RECORD, metrics=stage_metrics))
+    return run_dir
+
+
+@pytest.fixture
+def runs_root(tmp_path: Path) -> Path:
+    root = tmp_path / "runs"
+    for (method, ipc), values in TOP1.items():
+        for seed, top1 in enumerate(values):
+            make_run(root, method, ipc, seed, top1)
+    return root
+
+
+def test_table_statistics(runs_root: Path) -> None:
+    runs, problems = load_runs([str(runs_root / "*")])
+    assert problems == []
+    assert len(runs) == 12
+    rows = results_table(runs)
+    assert [(r["method"], r["ipc"]) for r in rows] == [("dwa", 10), ("dwa", 50), ("sre2l", 10), ("sre2l", 50)]
+    for row in rows:
+        values = TOP1[(row["method"], row["ipc"])]
+        assert row["n_seeds"] == 3
+        assert row["top1_mean"] == pytest.approx(statistics.fmean(values))
+        assert row["top1_std"] == pytest.approx(statistics.stdev(values))  # ddof = 1
+        assert row["top5_mean"] == pytest.approx(statistics.fmean(values) + 30.0)
+        assert row["teacher_top1_mean"] == pytest.approx(96.0)
+        assert len(row["runs"]) == 3
+    md = format_markdown(rows, runs)
+    assert "| dataset | teacher | student | method | teacher top-1 | IPC 10 | IPC 50 |" in md
+    assert "| digits | convnet | convnet | sre2l | 96.00 | 22.00 ± 2.00 (n=3) | 46.17 ± 1.26 (n=3) |" in md
+    assert "results/grids/c0000-0009.png" in md
+    # a directory of runs stands for the runs in it
+    assert len(load_runs([str(runs_root)])[0]) == 12
+
+
+def test_single_seed_cell() -> None:
+    assert format_cell(21.3, None, 1) == "21.30 (n=1)"
+    assert format_cell(21.3, 0.5, 3) == "21.30 ± 0.50 (n=3)"
+
+
+def test_modified_output_reported_and_excluded(runs_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = runs_root / "dwa-ipc10-s1"
+    shard = bad / "synthetic" / "c0000-0009" / "ipc000-004.tar"
+    data = bytearray(shard.read_bytes())
+    data[0] ^= 0xFF  # same size, other content: only the hash can tell
+    shard.write_bytes(bytes(data))
+    problems = verify_outputs(bad)
+    assert len(problems) == 1
+    assert "dwa-ipc10-s1" in problems[0] and "stage recover" in problems[0]
+    assert "unit recover-u0" in problems[0] and "synthetic/c0000-0009/ipc000-004.tar" in problems[0]
+    assert "changed" in problems[0]
+
+    assert collect_main([str(runs_root / "*")], None) == 1
+    captured = capsys.readouterr()
+    assert "synthetic/c0000-0009/ipc000-004.tar has changed" in captured.err
+    values = [TOP1[("dwa", 10)][0], TOP1[("dwa", 10)][2]]
+    cell = format_cell(statistics.fmean(values), statistics.stdev(values), 2)
+    assert f"| digits | convnet | convnet | dwa | 96.00 | {cell} |" in captured.out
+    assert "11 run(s) counted in 4 cell(s), 1 run(s) left out" in captured.err
+
+
+def test_deleted_output_reported_and_excluded(runs_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = runs_root / "sre2l-ipc50-s2"
+    (bad / "real" / "shard-000001.tar").unlink()
+    runs, problems = load_runs([str(runs_root / "*")])
+    assert len(runs) == 11
+    assert all(r.run_dir != bad for r in runs)
+    assert any("sre2l-ipc50-s2" in p and "unit ingest-u0" in p and "real/shard-000001.tar is missing" in p
+               for p in problems)
+    rows = {(r["method"], r["ipc"]): r for r in results_table(runs)}
+    assert rows[("sre2l", 50)]["n_seeds"] == 2
+    assert rows[("sre2l", 50)]["top1_mean"] == pytest.approx(45.5)
+    assert collect_main([str(runs_root)], None) == 1
+    assert "is missing" in capsys.readouterr().err
+
+
+def test_incomplete_run_listed_not_counted(runs_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_run(runs_root, "dwa", 10, 7, 99.0, evaluate=False)
+    runs, problems = load_runs([str(runs_root)])
+    assert len(runs) == 12
+    assert any("dwa-ipc10-s7" in p and "incomplete" in p for p in problems)
+    assert collect_main([str(runs_root)], None) == 1
+    assert "incomplete" in capsys.readouterr().err
+
+
+def test_outputs_written(runs_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    assert collect_main([str(runs_root / "*")], str(out / "table.md")) == 0
+    md = (out / "table.md").read_text()
+    assert "IPC 10" in md and "(n=3)" in md
+    assert "](../runs/dwa-ipc10-s0/results/grids/c0000-0009.png)" in md  # links relative to the md file
+    assert (out / "table.png").read_bytes()[:4] == b"\x89PNG"
+
+    assert collect_main([str(runs_root / "*")], str(out / "table.csv")) == 0
+    with open(out / "table.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4
+    assert list(rows[0]) == ["dataset", "teacher", "student", "method", "ipc", "n_seeds", "top1_mean", "top1_std",
+                             "top5_mean", "teacher_top1_mean", "runs"]
+    assert rows[0]["n_seeds"] == "3" and len(rows[0]["runs"].split(";")) == 3
+
+    import pyarrow.parquet as pq
+
+    assert collect_main([str(runs_root / "*")], str(out / "table.parquet")) == 0
+    table = pq.read_table(out / "table.parquet").to_pylist()
+    assert len(table) == 4
+    sre2l10 = next(r for r in table if r["method"] == "sre2l" and r["ipc"] == 10)
+    assert sre2l10["top1_mean"] == pytest.approx(22.0) and sre2l10["top1_std"] == pytest.approx(2.0)
+    assert len(sre2l10["runs"]) == 3
+    assert (out / "table.png").exists()
+
+
+def test_no_match_exit_2(tmp_path: Path) -> None:
+    assert collect_main([str(tmp_path / "nothing-*")], None) == 2
+    assert collect_main([str(tmp_path)], None) == 2  # a folder without run directories
+    assert collect_main([str(tmp_path / "x")], str(tmp_path / "t.txt")) == 2

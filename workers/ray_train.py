@@ -1,0 +1,147 @@
+"""DDP jobs on Ray Train (TorchTrainer), and `launch_ddp`, which picks Ray Train or the local launcher.
+
+The job function is the same everywhere: `fn(arg)` written with `pipeline.ddp` helpers runs unchanged
+under torchrun, under `pipeline.ddp.launch_local` and under Ray Train (which initialises the process
+group itself, so `init_from_env()` is a no-op there).
+
+Rank 0's return value comes back through a tiny mailbox actor, not through `Result.metrics` (Train V2
+may return None there) and not through a file (rank 0 may run on another node than the driver).
+Ray is imported only when Ray is used: `launch_ddp` without Ray works where Ray is not installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config, RayConfig
+from workers import use_ray
+
+log = logging.getLogger(__name__)
+
+
+class _Mailbox:
+    """Holds rank 0's return value for the driver (0 CPUs; wrapped with ray.remote at use)."""
+
+    def __init__(self) -> None:
+        self._value: Any = None
+        self._set = False
+
+    def put(self, value: Any) -> None:
+        self._value, self._set = value, True
+
+    def get(self) -> tuple[bool, Any]:
+        return self._set, self._value
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: call the job function, hand rank 0's value to the mailbox."""
+    import ray
+
+    from pipeline.ddp import dist_info, init_from_env
+
+    init_from_env()  # no-op: Ray Train has set up the process group
+    value = config["fn"](config["arg"])
+    if dist_info()[0] == 0:
+        ray.get(config["mailbox"].put.remote(value))
+
+
+def launch_ray_train(
+    fn: Callable[[Any], Any], arg: Any, num_workers: int, use_gpu: bool, cpus_per_worker: int = 1,
+    storage_path: str | Path | None = None, name: str | None = None, max_failures: int = 0,
+) -> Any:
+    """Run `fn(arg)` on `num_workers` Ray Train workers (DDP) and return rank 0's return value.
+
+    `use_gpu` is honoured only when the cluster has GPUs (workers capped to the GPU count); CPU workers
+    use gloo. Workers are capped to what the cluster can hold so the job never waits forever.
+    `storage_path` is Ray Train's run storage (a temporary folder, removed afterwards, when None; it must be
+    shared storage on a multi-node cluster). Connects to Ray (or starts a local cluster, shut down after)
+    when this process is not connected yet. Raises RuntimeError when the job fails.
+    """
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from workers.ray_executor import connect_ray
+
+    owns = connect_ray(RayConfig())
+    tmp = None
+    try:
+        cluster = ray.cluster_resources()
+        gpus = int(cluster.get("GPU", 0))
+        cpus = int(cluster.get("CPU", 0))
+        if use_gpu and gpus == 0:
+            log.warning("ray train: no GPU in the cluster; running %d CPU workers (gloo)", num_workers)
+        use_gpu = use_gpu and gpus > 0
+        if use_gpu and num_workers > gpus:
+            log.warning("ray train: %d workers asked, the cluster has %d GPUs; using %d", num_workers, gpus, gpus)
+            num_workers = gpus
+        if not use_gpu and cpus and num_workers * cpus_per_worker > cpus:
+            fit = max(1, cpus // cpus_per_worker)
+            log.warning("ray train: %d workers x %d CPUs do not fit in %d CPUs; using %d", num_workers,
+                        cpus_per_worker, cpus, fit)
+            num_workers = fit
+            cpus_per_worker = min(cpus_per_worker, cpus)
+        if storage_path is None:
+            tmp = tempfile.mkdtemp(prefix="distill-train-")
+            storage_path = tmp
+        name = name or f"ddp-{uuid.uuid4().hex[:8]}"
+        mailbox = ray.remote(_Mailbox).options(num_cpus=0).remote()
+        trainer = TorchTrainer(
+            train_loop_per_worker=_train_loop,
+            train_loop_config={"fn": fn, "arg": arg, "mailbox": mailbox},
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": cpus_per_worker}),
+            run_config=RunConfig(storage_path=str(Path(storage_path).resolve()), name=name,
+                                 failure_config=FailureConfig(max_failures=max_failures)),
+        )
+        log.info("ray train: %s on %d %s workers", name, num_workers, "GPU" if use_gpu else "CPU")
+        try:
+            result = trainer.fit()
+        except Exception as exc:
+            raise RuntimeError(f"Ray Train job {name} failed: {exc}") from exc
+        error = getattr(result, "error", None)
+        if error is not None:
+            raise RuntimeError(f"Ray Train job {name} failed: {error}") from error
+        got, value = ray.get(mailbox.get.remote())
+        ray.kill(mailbox)
+        if not got:
+            raise RuntimeError(f"Ray Train job {name} finished but rank 0 returned no value")
+        return value
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if owns:
+            ray.shutdown()
+
+
+def launch_ddp(
+    fn: Callable[[Any], Any], arg: Any, num_workers: int, cfg: Config, cpus_per_worker: int = 1,
+    storage_path: str | Path | None = None,
+) -> Any:
+    """Run a DDP job: Ray Train when the Ray executor is in use (`workers.use_ray(cfg)`), else local processes.
+
+    Returns rank 0's return value. On Ray, GPU workers are used when the cluster has GPUs; locally, one
+    process per worker (gloo on CPU, nccl on GPU).
+    """
+    if use_ray(cfg):
+        import ray
+
+        from workers.ray_executor import connect_ray
+
+        owns = connect_ray(cfg.ray)
+        try:
+            has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+            return launch_ray_train(fn, arg, num_workers, use_gpu=has_gpu, cpus_per_worker=cpus_per_worker,
+                                    storage_path=storage_path)
+        finally:
+            if owns:
+                ray.shutdown()
+    from pipeline.ddp import launch_local
+
+    return launch_local(fn, arg, num_workers)
