@@ -2,7 +2,7 @@
 
 Measures image-iterations per second (images in a batch x optimisation iterations / seconds) of
 SRe2L and DWA recover on this machine:
-  1. demo settings: ConvNet teacher, 32 px, batch of 10 classes, 1000 iterations (DWA K=12, B=100);
+  1. demo settings: ConvNet teacher, 32 px, batch of 10 classes, 1000 iterations (DWA K=12, B=10);
   2. ResNet-18 at 224 px, batch 10 (CPU unless --device cuda), a short run; the DWA/SRe2L ratio at
      1000 iterations is extrapolated from the measured per-iteration time and the measured cost of
      the K ascent steps (both are printed);
@@ -34,7 +34,7 @@ def _teacher(arch: str, classes: int, res: int, device: str) -> torch.nn.Module:
     return model.to(device).eval()
 
 
-def timed_synthesis(teacher, res, batch, iterations, device, dwa_steps=None, dwa_batch=100, amp=None,
+def timed_synthesis(teacher, res, batch, iterations, device, dwa_steps=None, dwa_batch=None, amp=None,
                     channels_last=False) -> tuple[float, float]:
     """Returns (seconds for synthesize_batch, seconds of the DWA perturbation alone)."""
     targets = torch.arange(batch, device=device) % 1000
@@ -42,6 +42,7 @@ def timed_synthesis(teacher, res, batch, iterations, device, dwa_steps=None, dwa
     gen = torch.Generator().manual_seed(0)
     params = RecoverParams(iterations=iterations, jitter=4 if res <= 64 else 32, r_var=2.0)
     dwa_batches = None
+    dwa_batch = dwa_batch or batch  # the pipeline's default: B = the synthesis batch size
     if dwa_steps:
         dwa_batches = [(torch.randn(dwa_batch, 3, res, res, device=device),
                         torch.randint(0, targets.max().item() + 1, (dwa_batch,), device=device))
@@ -83,7 +84,7 @@ def bench_rn18(device: str, iterations: int, amp: bool) -> None:
     ratio_1000 = (t_p + 1000 * per_it) / (1000 * per_it)
     print(f"[resnet18 224px batch 10, {device}{' bf16' if dtype else ' fp32'}, {iterations} it] "
           f"SRe2L {10 / per_it:7.1f} img-it/s ({per_it * 1000:.0f} ms/it)  DWA {10 * iterations / t_d:7.1f} img-it/s  "
-          f"K=15 ascent on B=100: {t_p:.2f}s  -> DWA/SRe2L at 1000 it (extrapolated): {ratio_1000:.3f}")
+          f"K=15 ascent on B=10: {t_p:.2f}s  -> DWA/SRe2L at 1000 it (extrapolated): {ratio_1000:.3f}")
 
 
 def bench_actors() -> None:

@@ -79,7 +79,7 @@ class RecoverConfig:
     init: str = "auto"  # auto (dwa: real, sre2l: noise) | real | noise
     dwa_steps: int = 12
     dwa_rho: float = 15e-3
-    dwa_batch_size: int = 100  # size of each random real subset B
+    dwa_batch_size: int = 0  # size of each random real subset B (0 = the synthesis batch: classes per shard)
     classes_per_shard: int = 0  # 0 = min(100, number of classes)
     ipc_per_unit: int = 10
     amp: str = "bf16"  # bf16 | none (GPU only; CPU always fp32)
@@ -177,7 +177,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 _POSITIVE = (
     "data.resolution", "data.shard_size", "squeeze.epochs", "squeeze.batch_size", "recover.ipc",
-    "recover.iterations", "recover.ipc_per_unit", "recover.dwa_steps", "recover.dwa_batch_size",
+    "recover.iterations", "recover.ipc_per_unit", "recover.dwa_steps",
     "recover.max_attempts", "recover.cpus_per_worker", "relabel.images_per_unit", "relabel.batch_size",
     "train.epochs", "train.batch_size", "squeeze.workers", "train.workers", "eval.batch_size",
 )

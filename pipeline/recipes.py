@@ -23,10 +23,10 @@ def _demo() -> Config:
     cfg.squeeze.arch = "convnet"
     cfg.squeeze.epochs = 8
     cfg.squeeze.batch_size = 64
-    cfg.squeeze.lr = 0.05
+    cfg.squeeze.lr = 0.02
     r = cfg.recover
     r.method, r.ipc, r.iterations, r.jitter = "dwa", 10, 300, 4
-    r.r_var, r.dwa_steps, r.dwa_rho, r.dwa_batch_size = 11.0, 12, 15e-3, 100
+    r.r_var, r.dwa_steps, r.dwa_rho = 11.0, 12, 15e-3
     r.ipc_per_unit = 5
     cfg.relabel.mode = "stored"
     t = cfg.train

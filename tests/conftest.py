@@ -47,3 +47,35 @@ def jpeg_bytes(size: int = 32, colour: int = 0) -> bytes:
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "data", corrupt=1, non_image=2)
+
+
+# Small settings for stage tests: every stage runs in seconds on 2 cores.
+FAST = [
+    "squeeze.epochs=1", "recover.iterations=4", "recover.ipc=2", "recover.ipc_per_unit=1",
+    "recover.classes_per_shard=5", "train.epochs=2", "train.batch_size=8", "relabel.images_per_unit=10",
+    "data.num_workers=0", "ray.executor=local",
+]
+
+
+def fast_config(*extra: str):
+    from pipeline.config import load_config
+
+    return load_config("demo", overrides=[*FAST, *extra])
+
+
+@pytest.fixture(scope="session")
+def teacher_run(tmp_path_factory) -> Path:
+    """A demo run directory with ingest and squeeze done under FAST (do not modify: clone it)."""
+    from pipeline.runner import run_pipeline
+
+    run_dir = tmp_path_factory.mktemp("teacher") / "run"
+    run_pipeline(fast_config(), run_dir, stages=["ingest", "squeeze"], progress=False)
+    return run_dir
+
+
+def clone_run(src: Path, dst: Path) -> Path:
+    """Copy a run directory (cheap: the demo is small)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst

@@ -73,8 +73,8 @@ class RecoverStage(Stage):
         if r.classes_per_shard > c:
             raise ConfigError(f"recover.classes_per_shard={r.classes_per_shard} is more than the {c} classes "
                               "of the data; use at most the class count (0 = min(100, classes))")
-        if r.classes_per_shard < 0:
-            raise ConfigError("recover.classes_per_shard must be >= 0")
+        if r.classes_per_shard < 0 or r.dwa_batch_size < 0:
+            raise ConfigError("recover.classes_per_shard and recover.dwa_batch_size must be >= 0")
         if self.per_shard(ctx) < 2 and r.method != "random-real":
             log.warning("recover: class shards of one class make the BN statistics term meaningless")
         if r.method != "random-real":
@@ -155,7 +155,8 @@ class RecoverWorker:
         g = generator(self.ctx.config.seed, "recover", "dwa", key, j)
         out = []
         for _ in range(r.dwa_steps):
-            pick = torch.randint(len(pool), (min(r.dwa_batch_size, len(pool)),), generator=g).tolist()
+            size = r.dwa_batch_size or len(classes)
+            pick = torch.randint(len(pool), (size,), generator=g).tolist()
             rows = [pool[i] for i in pick]
             labels = torch.tensor([self.real.cls[i] for i in rows], dtype=torch.long, device=self.device)
             out.append((self.real_batch(rows), labels))
@@ -211,7 +212,8 @@ class RecoverWorker:
                                       {"class": c, "ipc_index": j, "method": r.method, "unit": unit.key}))
         paths = write_shard(ctx.path(SYNTHETIC_DIR), unit.key, samples)
         metrics: dict[str, Any] = {"images": len(samples), "seconds": round(time.time() - t0, 3),
-                                   "device": self.device.type, "image_iterations": len(samples) * r.iterations}
+                                   "device": self.device.type,
+                                   "image_iterations": 0 if r.method == "random-real" else len(samples) * r.iterations}
         if finals and finals[0]:
             for k in finals[0]:
                 metrics[f"loss_{k}"] = float(np.mean([f[k] for f in finals]))

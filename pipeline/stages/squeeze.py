@@ -28,6 +28,17 @@ class SqueezeStage(Stage):
         return SqueezeWorker(ctx)
 
 
+def teacher_args(ctx: RunContext) -> dict[str, Any]:
+    """Plain-dict arguments of the teacher job (they cross process boundaries)."""
+    sq = ctx.config.squeeze
+    return {
+        **data_args(ctx), "arch": sq.arch, "epochs": sq.epochs, "batch_size": sq.batch_size,
+        "optimizer": sq.optimizer, "lr": sq.lr, "weight_decay": sq.weight_decay, "amp": sq.amp,
+        "weights": sq.weights, "checkpoint": str(ctx.path("checkpoints", "squeeze-last.pt")),
+        "output": str(ctx.path(TEACHER)), "config_hash": ctx.hashes["squeeze"],
+    }
+
+
 class SqueezeWorker:
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
@@ -36,12 +47,7 @@ class SqueezeWorker:
         from pipeline.trainloop import import_teacher, train_teacher
 
         ctx, sq = self.ctx, self.ctx.config.squeeze
-        args: dict[str, Any] = {
-            **data_args(ctx), "arch": sq.arch, "epochs": sq.epochs, "batch_size": sq.batch_size,
-            "optimizer": sq.optimizer, "lr": sq.lr, "weight_decay": sq.weight_decay, "amp": sq.amp,
-            "weights": sq.weights, "checkpoint": str(ctx.path("checkpoints", "squeeze-last.pt")),
-            "output": str(ctx.path(TEACHER)), "config_hash": ctx.hashes["squeeze"],
-        }
+        args = teacher_args(ctx)
         if unit.key == "import":
             try:
                 metrics = import_teacher(args)

@@ -21,7 +21,9 @@ def student_args(ctx: RunContext) -> dict[str, Any]:
         "synthetic_dir": str(ctx.path(SYNTHETIC_DIR)), "synthetic_index": recover_index_paths(ctx),
         "eval_every": cfg.eval.every, "checkpoint": str(ctx.path("checkpoints", "train-last.pt")),
         "output": str(ctx.path(STUDENT)), "config_hash": ctx.hashes["train"],
-        "num_workers": min(cfg.data.num_workers, 2),
+        # rendering a small synthetic set in the main process beats starting worker processes every epoch
+        "num_workers": cfg.data.num_workers if sum(int(r.metrics.get("images", 0)) for r in ctx.store.records("recover"))
+        >= 5000 else 0,
     }
 
 

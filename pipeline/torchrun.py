@@ -1,0 +1,49 @@
+"""Run a run directory's DDP job (teacher or student training) under torchrun.
+
+    torchrun --nproc_per_node 8 -m pipeline.torchrun --run-dir RUN --job squeeze
+    torchrun --nproc_per_node 8 -m pipeline.torchrun --run-dir RUN --job train
+
+The job function is the one the pipeline itself launches through Ray Train or local processes; it
+reads the resolved config of the run directory (which must have its upstream stages done), trains with
+a checkpoint per epoch and writes the final weights. A following `distill run` on the same run directory
+finds the last epoch's checkpoint, skips the training, evaluates and commits the stage's record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pipeline import ddp
+from pipeline.config import config_from_json
+from pipeline.runner import open_context
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--job", choices=("squeeze", "train"), required=True)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if ddp.dist_info()[0] == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_dir = Path(a.run_dir)
+    ctx = open_context(config_from_json(run_dir / "config.json"), run_dir)
+    if a.job == "squeeze":
+        from pipeline.stages.squeeze import teacher_args
+        from pipeline.trainloop import train_teacher
+
+        result = train_teacher(teacher_args(ctx))
+    else:
+        from pipeline.stages.train import student_args
+        from pipeline.student import train_student
+
+        result = train_student(student_args(ctx))
+    if ddp.is_rank0():
+        print(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
