@@ -220,7 +220,7 @@ def run_pipeline(
     names = select_stages(stages)
     ctx = open_context(cfg, run_dir)
     prepare(ctx, fresh)
-    _log_to_file(ctx)
+    handler = _log_to_file(ctx)
     own_executor = executor is None
     if executor is None:
         from workers import make_executor
@@ -232,17 +232,23 @@ def run_pipeline(
     finally:
         if own_executor:
             executor.close()
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
     return ctx
 
 
-def _log_to_file(ctx: RunContext) -> None:
+def _log_to_file(ctx: RunContext) -> logging.Handler | None:
+    """Copy the driver's log into RUN_DIR/logs/driver.log for the duration of the run (returns the handler)."""
     path = ctx.path("logs", "driver.log")
     path.parent.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
-    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path.resolve()) for h in root.handlers):
-        handler = logging.FileHandler(path)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
+    if any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path.resolve()) for h in root.handlers):
+        return None
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    return handler
 
 
 def status(cfg: Config, run_dir: Path) -> list[StageStatus]:

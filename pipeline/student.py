@@ -31,6 +31,7 @@ from pipeline.trainloop import (
     rng_state,
     save_atomic,
     set_rng_state,
+    sync_buffers,
     val_loader,
     wrap_ddp,
 )
@@ -136,6 +137,7 @@ def train_student(args: dict[str, Any]) -> dict[str, Any]:
             total[0] += loss.detach() * len(ids)
             total[1] += len(ids)
         sched.step()
+        sync_buffers(model)
         if every and (epoch + 1) % every == 0 and epoch + 1 < args["epochs"]:
             m = evaluate(net, val_loader(args, rank, world, device), device, args["amp"])
             history.append({"epoch": epoch + 1, "top1": m["top1"], "top5": m["top5"]})

@@ -67,6 +67,18 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
+def sync_buffers(model: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank; no-op in one process.
+
+    DDP broadcasts buffers at the start of each training forward, so after an epoch's last step every
+    rank holds running statistics updated with its own last batch. Syncing before evaluating or finishing
+    makes every rank's model the one rank 0 checkpoints and saves.
+    """
+    if ddp.dist_info()[1] > 1 and torch.distributed.is_initialized():
+        for buf in unwrap(model).buffers():
+            torch.distributed.broadcast(buf, 0)
+
+
 def autocast(device: torch.device, enabled: bool) -> Any:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
@@ -167,6 +179,7 @@ def train_teacher(args: dict[str, Any]) -> dict[str, Any]:
             total[0] += loss.detach() * labels.numel()
             total[1] += labels.numel()
         sched.step()
+        sync_buffers(model)
         ddp.all_reduce_sum(total)
         if ddp.is_rank0():
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),

@@ -30,7 +30,7 @@ def test_views_do_not_depend_on_batching() -> None:
     ]
     whole = draw_views(1, 2, list(range(N)), N, CUTMIX)
     shuffled_ids = [3, 9, 0, 5, 1, 8, 2, 7, 4, 6]
-    shuffled = dict(zip(shuffled_ids, draw_views(1, 2, shuffled_ids, N, CUTMIX)))
+    shuffled = dict(zip(shuffled_ids, draw_views(1, 2, shuffled_ids, N, CUTMIX), strict=True))
     assert one_by_one == in_threes == whole == [shuffled[i] for i in range(N)]
 
 

@@ -85,7 +85,7 @@ def test_parquet_round_trip_is_exact(tmp_path: Path) -> None:
     assert size == path.stat().st_size > 0
     table = read_soft_labels([str(path)])
     assert len(table) == 21 and table.metadata == {"num_classes": "50"}
-    for row, (i, e, p) in enumerate(zip(image_ids, epoch_ids, params)):
+    for i, e, p in zip(image_ids, epoch_ids, params, strict=True):
         assert table.params(e, i) == p
     # lookup in any order, any batch size
     got_idx, got_vals = table.lookup(2, [6, 0, 3])
