@@ -283,6 +283,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {cfg.data.val_fraction}")
     if not 0.0 < cfg.recover.crop_scale_min <= 1.0 or not 0.0 < cfg.train.crop_scale_min <= 1.0:
         raise ConfigError("config keys '*.crop_scale_min' must be in (0, 1]")
+    for sec in ("squeeze", "train"):
+        bs, workers = getattr(cfg, sec).batch_size, getattr(cfg, sec).workers
+        if bs % workers:
+            raise ConfigError(f"config key '{sec}.batch_size' ({bs}) must be a multiple of '{sec}.workers' ({workers}): "
+                              "it is the global batch, split evenly over the DDP ranks")
     from pipeline.models import ARCHS  # local import: models pulls in torch
 
     for dotted in ("squeeze.arch", "train.arch"):

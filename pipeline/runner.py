@@ -170,7 +170,10 @@ def run_stage(ctx: RunContext, name: str, executor: Executor, progress: bool = T
             else:
                 store.fail(rec)
                 failures.append(rec)
-                log.error("stage %s unit %s failed (attempt %d):\n%s", name, rec.unit, rec.attempt, rec.error)
+                if outcome.usage_error:  # bad input: the CLI prints the message; the traceback stays in the record
+                    log.debug("stage %s unit %s: %s", name, rec.unit, rec.error)
+                else:
+                    log.error("stage %s unit %s failed (attempt %d):\n%s", name, rec.unit, rec.attempt, rec.error)
 
         try:
             if stage.distributed:

@@ -71,3 +71,9 @@ def test_config_json_written(tmp_path):
                  "--set", "data.shard_size=600"]) == 0
     data = json.loads((tmp_path / "r" / "config.json").read_text())
     assert data["data"]["shard_size"] == 600 and data["run_id"]
+
+
+def test_global_batch_must_split_evenly_over_ranks():
+    with pytest.raises(ConfigError, match=r"'train\.batch_size' \(10\) must be a multiple of 'train\.workers' \(4\)"):
+        load_config("demo", overrides=["train.batch_size=10", "train.workers=4"])
+    assert load_config("demo", overrides=["train.batch_size=12", "train.workers=4"]).train.workers == 4

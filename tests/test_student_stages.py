@@ -1,0 +1,349 @@
+"""Relabel, student training, squeeze resume/import and the full pipeline (behaviour, under FAST settings)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from itertools import chain
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.augment import ViewConfig, draw_view
+from pipeline.config import ConfigError, load_config
+from pipeline.ddp import launch_local
+from pipeline.models import build_model
+from pipeline.runner import compute_hashes, open_context, run_pipeline
+from pipeline.softlabels import read_soft_labels, teacher_probs, topk_fp16
+from pipeline.stages.train import student_args
+from pipeline.student import ViewBatches, _index, epoch_batches, load_teacher, render_views, view_config
+from tests.conftest import FAST, clone_run, fast_config, make_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+TOPK = "relabel.top_k=10"  # = the digits' class count: stored labels keep every logit
+
+
+@pytest.fixture(scope="module")
+def relabeled_run(teacher_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A clone of the teacher run with recover and stored relabel done (top_k = 10); do not modify."""
+    run_dir = clone_run(teacher_run, tmp_path_factory.mktemp("relabeled") / "run")
+    run_pipeline(fast_config(TOPK), run_dir, stages=["recover", "relabel"], progress=False)
+    return run_dir
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _cli(run_dir: Path, stages: str, *sets: str, fresh: bool = False, data_dir: Path | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--run-dir", str(run_dir), "--stages", stages,
+           "--no-progress"]
+    if data_dir is not None:
+        cmd += ["--data-dir", str(data_dir)]
+    for item in (*FAST, *sets):
+        cmd += ["--set", item]
+    return cmd + (["--fresh"] if fresh else [])
+
+
+def _epoch_of(ckpt: Path, config_hash: str) -> int | None:
+    """The epoch of a checkpoint written under `config_hash`, None if there is none (yet)."""
+    if not ckpt.exists():
+        return None
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError):
+        return None
+    return int(state["epoch"]) if state.get("config_hash") == config_hash else None
+
+
+def _kill_at_epoch(cmd: list[str], ckpt: Path, config_hash: str, min_epoch: int, log: Path,
+                   timeout: float = 120.0) -> int:
+    """Start `cmd`, SIGKILL it once `ckpt` holds epoch >= min_epoch; return the checkpoint's epoch after death."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + timeout
+        try:
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"run ended (rc {proc.returncode}) before a checkpoint of epoch >= {min_epoch}:\n"
+                                f"{log.read_text()[-3000:]}")
+                assert time.time() < deadline, f"no checkpoint of epoch >= {min_epoch} in {timeout}s"
+                epoch = _epoch_of(ckpt, config_hash)
+                if epoch is not None and epoch >= min_epoch:
+                    break
+                time.sleep(0.02)
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run was not killed mid-run"
+    final = _epoch_of(ckpt, config_hash)
+    assert final is not None
+    return final
+
+
+def _cli_in_process(cmd: list[str]) -> int:
+    """The same `distill` command line, run in this process (saves starting another interpreter)."""
+    from pipeline.cli import main
+
+    assert cmd[1:3] == ["-m", "pipeline.cli"]
+    return main(cmd[3:])
+
+
+# ----------------------------------------------------------------------------- 1. stored == online
+
+
+def test_stored_and_online_relabel_give_the_same_targets(relabeled_run: Path) -> None:
+    ctx = open_context(fast_config(TOPK), relabeled_run)
+    args = student_args(ctx)
+    from pipeline.data.synthetic import load_images
+
+    images, _ = load_images(Path(args["synthetic_dir"]), _index(args), None)
+    n, c, k, temp, seed = len(images), args["num_classes"], args["top_k"], args["temperature"], args["seed"]
+    assert k == c == 10 and n == 20
+    table = read_soft_labels(args["soft_labels"])
+    assert table.k == k and len(table) == n * args["epochs"]
+    teacher = load_teacher(args, torch.device("cpu"))
+    cfg = view_config(args)
+    ids = list(range(n))
+    stored_by_epoch = []
+    for epoch in range(args["epochs"]):
+        with torch.no_grad():
+            logits = teacher(render_views(images, ids, seed, epoch, cfg)).float()
+        online_idx, online_val = topk_fp16(logits, k)
+        stored_idx, stored_val = table.lookup(epoch, ids)
+        for t in (temp, 1.0):  # the training temperature, and T = 1 where differences are not flattened
+            online = teacher_probs(online_idx, online_val, c, t)
+            stored = teacher_probs(stored_idx, stored_val, c, t)
+            torch.testing.assert_close(stored, online, atol=1e-3, rtol=0)
+        stored_by_epoch.append(teacher_probs(stored_idx, stored_val, c, 1.0))
+        for i in ids:
+            assert table.params(epoch, i) == draw_view(seed, epoch, i, n, cfg), (epoch, i)
+    # the comparison is not vacuous: views (and so targets) change from epoch to epoch
+    assert (stored_by_epoch[0] - stored_by_epoch[1]).abs().max() > 1e-2
+
+
+# ----------------------------------------------------------------------------- 2. batch-free views
+
+
+@pytest.mark.parametrize("mix", ["cutmix", "mixup"])
+def test_views_do_not_depend_on_batching(mix: str) -> None:
+    n, seed = 13, 7
+    images = torch.randint(0, 256, (n, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    cfg = ViewConfig(resolution=32, crop_scale=(0.25, 1.0), mix=mix, mix_alpha=1.0)
+    ids = list(range(n))
+    for epoch in (0, 3):
+        whole = render_views(images, ids, seed, epoch, cfg)
+        for bs in (3, 7):
+            parts = torch.cat([render_views(images, ids[s:s + bs], seed, epoch, cfg) for s in range(0, n, bs)])
+            assert torch.equal(parts, whole), (bs, epoch)
+        # the student's batches (shuffled order, wrap-around padding, two ranks) render the same views
+        for world, rank in ((1, 0), (2, 0), (2, 1)):
+            seen = set()
+            for x, b_ids in ViewBatches(images, epoch_batches(n, 4, world, rank, seed, epoch), seed, epoch, cfg):
+                assert torch.equal(x, whole[b_ids]), (world, rank, epoch)
+                seen.update(b_ids.tolist())
+            assert seen
+        assert not torch.equal(whole, render_views(images, ids, seed, epoch + 1, cfg))
+
+
+@pytest.mark.parametrize("n,global_batch", [(13, 4), (13, 6), (13, 5), (13, 32), (20, 8)])
+def test_epoch_batches_cover_every_image_with_equal_counts_per_rank(n: int, global_batch: int) -> None:
+    seed = 3
+    orders = []
+    for epoch in range(3):
+        one = epoch_batches(n, global_batch, 1, 0, seed, epoch)
+        two = [epoch_batches(n, global_batch, 2, r, seed, epoch) for r in (0, 1)]
+        assert len(one) == len(two[0]) == len(two[1]) == math.ceil(n / global_batch)
+        assert set(chain(*one)) == set(range(n))
+        assert set(chain(*two[0], *two[1])) == set(range(n))
+        for b, batch in enumerate(one):
+            assert len(batch) == global_batch
+            assert sorted(two[0][b] + two[1][b]) == sorted(batch)
+            assert len(two[0][b]) >= len(two[1][b]) >= len(two[0][b]) - 1 > 0
+        orders.append(one)
+    assert orders[0] != orders[1]  # a new order each epoch
+
+
+# ----------------------------------------------------------------------------- 3. DDP ranks agree
+
+
+def test_two_gloo_ranks_keep_identical_parameters(relabeled_run: Path, tmp_path: Path) -> None:
+    from tests.student_helpers import train_and_dump
+
+    ctx = open_context(fast_config(TOPK), relabeled_run)
+    args = student_args(ctx)
+    args["output"] = str(tmp_path / "student.pt")
+    args["checkpoint"] = str(tmp_path / "train-last.pt")
+    metrics = launch_local(train_and_dump, {"args": args, "out": str(tmp_path)}, 2)
+    assert metrics["world_size"] == 2 and metrics["resumed_from_epoch"] is None
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    expected_steps = args["epochs"] * math.ceil(20 / args["batch_size"])
+    assert [r["steps"] for r in ranks] == [expected_steps, expected_steps]
+    # parameters and buffers (BatchNorm running statistics, which each rank updates with its own batches)
+    s0, s1 = ({**r["params"], **r["buffers"]} for r in ranks)
+    assert s0.keys() == s1.keys() and any("running_mean" in k for k in s0)
+    for key in s0:
+        assert torch.equal(s0[key], s1[key]), f"ranks differ at {key}"
+    init = build_model(args["arch"], args["num_classes"], args["resolution"]).state_dict()
+    assert all(not torch.equal(init[k], s0[k]) for k in init if "running" in k or k.endswith("weight"))
+    saved = torch.load(args["output"], weights_only=True)  # what rank 0 saved is what both ranks hold
+    assert saved.keys() == s0.keys() and all(torch.equal(saved[k], s0[k]) for k in saved)
+    assert torch.load(args["checkpoint"], weights_only=True)["epoch"] == args["epochs"] - 1
+
+
+# ----------------------------------------------------------------------------- 4./5. kill and resume
+
+
+def test_train_killed_mid_run_resumes_from_its_last_epoch(relabeled_run: Path, tmp_path: Path) -> None:
+    run_dir = clone_run(relabeled_run, tmp_path / "run")
+    sets = (TOPK, "train.epochs=12")
+    train_hash = compute_hashes(fast_config(*sets))["train"]
+    ckpt = run_dir / "checkpoints" / "train-last.pt"
+    # --fresh: train.epochs changes the relabel hash; the rerun must not need it (same hashes)
+    killed_at = _kill_at_epoch(_cli(run_dir, "recover,relabel,train", *sets, fresh=True), ckpt, train_hash, 1,
+                               tmp_path / "first.log")
+    assert killed_at < 11
+    store = open_context(fast_config(*sets), run_dir).store
+    assert store.load("train", "job") is None
+    assert _cli_in_process(_cli(run_dir, "recover,relabel,train", *sets)) == 0
+    rec = store.load("train", "job")
+    assert rec is not None and rec.status == "done" and rec.config_hash == train_hash
+    assert rec.metrics["resumed_from_epoch"] == killed_at + 1 >= 2
+    assert rec.metrics["epochs"] == 12
+    assert _epoch_of(ckpt, train_hash) == 11
+    assert (run_dir / "checkpoints" / "student.pt").is_file()
+
+
+def test_squeeze_killed_mid_run_resumes_from_its_last_epoch(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=40, size=32, val_per_class=4)
+    run_dir = tmp_path / "run"
+    sets = ("squeeze.epochs=6",)
+    cfg = load_config("demo", overrides=[f"data.source={data}", *FAST, *sets])
+    sq_hash = compute_hashes(cfg)["squeeze"]
+    ckpt = run_dir / "checkpoints" / "squeeze-last.pt"
+    cmd = _cli(run_dir, "ingest,squeeze", *sets, data_dir=data)
+    killed_at = _kill_at_epoch(cmd, ckpt, sq_hash, 1, tmp_path / "first.log")
+    assert killed_at < 5
+    store = open_context(cfg, run_dir).store
+    assert store.load("squeeze", "train") is None
+    assert _cli_in_process(cmd) == 0
+    rec = store.load("squeeze", "train")
+    assert rec is not None and rec.config_hash == sq_hash
+    assert rec.metrics["resumed_from_epoch"] == killed_at + 1 >= 2
+    assert rec.metrics["epochs"] == 6 and "teacher_top1" in rec.metrics
+    assert (run_dir / "checkpoints" / "teacher.pt").is_file()
+    assert _epoch_of(ckpt, sq_hash) == 5
+
+
+# ----------------------------------------------------------------------------- 6. imported teachers
+
+
+def test_import_with_wrong_class_count_fails_naming_shapes_and_file(teacher_run: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = clone_run(teacher_run, tmp_path / "run")
+    weights = tmp_path / "seven_classes.pt"
+    torch.save(build_model("convnet", 7, 32).state_dict(), weights)
+    capsys.readouterr()
+    assert _cli_in_process(_cli(run_dir, "squeeze", f"squeeze.weights={weights}", fresh=True)) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # the CLI's own one-line message
+    assert last.startswith("distill: error: ")
+    feat = build_model("convnet", 10, 32).state_dict()["classifier.weight"].shape[1]
+    assert f"classifier.weight: expected (10, {feat}), found (7, {feat})" in last
+    assert "classifier.bias: expected (10), found (7)" in last
+    assert str(weights) in last
+    store = open_context(fast_config(f"squeeze.weights={weights}"), run_dir).store
+    assert store.load("squeeze", "import") is None and store.failures("squeeze")
+
+
+def test_import_of_a_matching_state_dict_is_evaluated(teacher_run: Path, tmp_path: Path) -> None:
+    run_dir = clone_run(teacher_run, tmp_path / "run")
+    weights = tmp_path / "teacher_copy.pt"
+    weights.write_bytes((teacher_run / "checkpoints" / "teacher.pt").read_bytes())
+    ctx = run_pipeline(fast_config(f"squeeze.weights={weights}"), run_dir, stages=["squeeze"], fresh=True,
+                       progress=False)
+    rec = ctx.store.load("squeeze", "import")
+    assert rec is not None and rec.status == "done"
+    trained = open_context(fast_config(), teacher_run).store.load("squeeze", "train")
+    # the same weights on the same val set: the same accuracy as when they were trained
+    assert rec.metrics["teacher_top1"] == trained.metrics["teacher_top1"]
+    assert rec.metrics["weights"] == str(weights)
+    src = torch.load(weights, weights_only=True)
+    out = torch.load(run_dir / "checkpoints" / "teacher.pt", weights_only=True)
+    assert src.keys() == out.keys() and all(torch.equal(src[k], out[k]) for k in src)
+
+
+def test_torchvision_weights_missing_from_cache_fail_without_network(teacher_run: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.request
+
+    run_dir = clone_run(teacher_run, tmp_path / "run")
+    home = tmp_path / "torch_home"
+    home.mkdir()
+    monkeypatch.setenv("TORCH_HOME", str(home))
+
+    def no_network(*_a: object, **_k: object) -> None:
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    cfg = fast_config("squeeze.arch=resnet18", "squeeze.weights=ResNet18_Weights.IMAGENET1K_V1")
+    with pytest.raises(ConfigError) as err:
+        run_pipeline(cfg, run_dir, stages=["squeeze"], fresh=True, progress=False)
+    msg = str(err.value)
+    assert "ResNet18_Weights.IMAGENET1K_V1" in msg
+    assert "local cache" in msg and str(home) in msg
+    assert "cannot download" in msg
+    assert list(home.rglob("*")) == []
+
+
+# ----------------------------------------------------------------------------- 7. full pipeline
+
+
+SUMMARY_FIELDS = ("method", "ipc", "num_classes", "num_images", "teacher", "student", "teacher_top1", "top1", "top5",
+                  "best_top1", "epochs", "relabel_mode", "seed", "wall_s", "protocol")
+
+
+def test_full_fast_pipeline_summary_and_online_mode(relabeled_run: Path, tmp_path: Path) -> None:
+    run_dir = clone_run(relabeled_run, tmp_path / "stored")
+    cfg = fast_config(TOPK)
+    ctx = run_pipeline(cfg, run_dir, progress=False)
+    summary = json.loads((run_dir / "results" / "summary.json").read_text())
+    missing = [f for f in SUMMARY_FIELDS if f not in summary]
+    assert not missing, missing
+    assert summary["method"] == cfg.recover.method and summary["ipc"] == 2
+    assert summary["num_classes"] == 10 and summary["num_images"] == 20
+    assert summary["teacher"] == summary["student"] == "convnet"
+    assert summary["teacher_top1"] == ctx.store.load("squeeze", "train").metrics["teacher_top1"]
+    assert 0.0 <= summary["top1"] <= summary["top5"] <= 100.0
+    assert summary["best_top1"] >= summary["top1"]
+    assert summary["epochs"] == 2 and summary["relabel_mode"] == "stored" and summary["seed"] == cfg.seed
+    stages = ("ingest", "squeeze", "recover", "relabel", "train", "evaluate")
+    assert set(summary["wall_s"]) == set(stages)
+    assert all(isinstance(summary["wall_s"][s], (int, float)) and summary["wall_s"][s] >= 0 for s in stages)
+    assert summary["protocol"]["epochs"] == 2 and summary["protocol"]["relabel_mode"] == "stored"
+    relabel = ctx.store.load("relabel", "_stage").metrics
+    files = sorted((run_dir / "soft_labels").glob("*.parquet"))
+    assert files and relabel["soft_label_bytes"] == sum(f.stat().st_size for f in files)
+    assert relabel["full_logit_bytes"] == 20 * 2 * (2 * 10 + 29)
+
+    online_dir = clone_run(run_dir, tmp_path / "online")
+    online_cfg = fast_config(TOPK, "relabel.mode=online")
+    before = (online_dir / "checkpoints" / "student.pt").stat().st_mtime_ns
+    octx = run_pipeline(online_cfg, online_dir, fresh=True, progress=False)
+    soft = online_dir / "soft_labels"
+    assert not soft.exists() or not any(soft.iterdir())
+    orel = octx.store.load("relabel", "_stage").metrics
+    assert orel["units"] == 0 and orel["soft_label_bytes"] == 0 and orel["mode"] == "online"
+    train = octx.store.load("train", "job")
+    assert train is not None and train.config_hash == octx.hashes["train"] and train.metrics["epochs"] == 2
+    assert (online_dir / "checkpoints" / "student.pt").stat().st_mtime_ns != before
+    osummary = json.loads((online_dir / "results" / "summary.json").read_text())
+    assert osummary["relabel_mode"] == "online" and 0.0 <= osummary["top1"] <= 100.0
