@@ -77,3 +77,22 @@ def test_global_batch_must_split_evenly_over_ranks():
     with pytest.raises(ConfigError, match=r"'train\.batch_size' \(10\) must be a multiple of 'train\.workers' \(4\)"):
         load_config("demo", overrides=["train.batch_size=10", "train.workers=4"])
     assert load_config("demo", overrides=["train.batch_size=12", "train.workers=4"]).train.workers == 4
+
+
+def test_status_reports_done_pending_and_changed(tmp_path, capsys):
+    run = str(tmp_path / "r")
+    assert main(["run", "--run-dir", run, "--stages", "ingest", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["status", "--run-dir", run]) == 0
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()[1:]}
+    assert lines["ingest"].split()[1:4] == ["8", "0", "0"] and "complete" in lines["ingest"]
+    assert "not started" in lines["recover"]
+    # a changed configuration is refused, naming the stage, and --fresh recomputes it
+    assert main(["run", "--run-dir", run, "--stages", "ingest", "--no-progress", "--set", "data.shard_size=300"]) == 2
+    assert "stage(s) ingest" in capsys.readouterr().err
+    assert main(["run", "--run-dir", run, "--stages", "ingest", "--no-progress", "--set", "data.shard_size=300",
+                 "--fresh"]) == 0
+    assert main(["status", "--run-dir", run]) == 0
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()[1:]}
+    assert lines["ingest"].split()[1:4] == ["7", "0", "0"]  # 1437/300 -> 5 train + 360/300 -> 2 val shards
+    assert main(["status", "--run-dir", str(tmp_path / "nope")]) == 2
