@@ -12,8 +12,10 @@ Other sessions may run their own Ray clusters on the same machine, so this helpe
 - `stop()` collects the head's processes: the descendants of the `ray start` process, plus any process
   whose /proc/<pid>/environ carries the marker or whose command line names the temp dir (this catches
   processes that were re-parented to init when a parent died). It sends SIGTERM to `ray start` first
-  (with `--block` that tears the node down cleanly), then SIGTERM and finally SIGKILL to whatever of
-  that set is still alive, checking each pid's start time so a reused pid is never signalled.
+  (with `--block` that tears the node down cleanly, and at once: the head runs with
+  `RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0` instead of draining for up to 30 s), then SIGTERM and
+  finally SIGKILL to whatever of that set is still alive, checking each pid's start time so a reused
+  pid is never signalled.
 
 The `ray start` process also gets PR_SET_PDEATHSIG=SIGTERM, so a head outlives a killed pytest only
 until the kernel notices, and is torn down with it.
@@ -273,8 +275,12 @@ def start_head(
     token = uuid.uuid4().hex
     auth_token = uuid.uuid4().hex + uuid.uuid4().hex if auth else None
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0: on SIGTERM, `ray start --block` tears the node down at once.
+    # By default it first drains the node for up to 30 s, and a node still holding a worker lease (for
+    # instance the detached `_AutoscalingCoordinatorActor` a Ray Train job leaves behind) waits all of it.
     env.update({"PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", MARKER: token,
-                "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0"})
+                "RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0",
+                "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
     env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": auth_token} if auth_token else {"RAY_AUTH_MODE": "disabled"})
     env.update(extra_env or {})
     cmd = [str(ray_binary()), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
