@@ -151,3 +151,15 @@ def test_failed_unit_is_reported(tmp_path, monkeypatch):
     monkeypatch.setattr(ing, "write_shard", real)
     ctx = _ingest(data, tmp_path / "run")
     assert ctx.store.failures("ingest") == [] and ctx.store.load("ingest", "_stage").metrics["ran"] == 1
+
+
+def test_worker_that_cannot_start_fails_the_stage_cleanly(tmp_path, monkeypatch):
+    import pipeline.stages.ingest as ing
+
+    def broken(self, ctx):
+        raise RuntimeError("cannot open the worker")
+
+    monkeypatch.setattr(ing.IngestStage, "open_worker", broken)
+    with pytest.raises(StageFailed, match="cannot open the worker"):
+        run_pipeline(load_config("demo"), tmp_path / "run", stages=["ingest"], progress=False)
+    assert len(ManifestStore(tmp_path / "run").failures("ingest")) == 8

@@ -16,7 +16,14 @@ class LocalExecutor:
     def run_units(
         self, stage: Stage, ctx: RunContext, units: list[Unit], on_outcome: Callable[[Outcome], None]
     ) -> None:
-        worker = stage.open_worker(ctx)
+        try:
+            worker = stage.open_worker(ctx)
+        except Exception as exc:  # noqa: BLE001 - a worker that cannot start fails its units, with the reason
+            outcome = execute(_Broken(exc), units[0]) if units else None
+            for unit in units:
+                on_outcome(Outcome(unit, None, error=outcome.error, usage_error=outcome.usage_error,
+                                   started=outcome.started, ended=outcome.ended, host=outcome.host))
+            return
         try:
             for unit in units:
                 for attempt in range(1, self.max_attempts + 1):
@@ -29,3 +36,13 @@ class LocalExecutor:
 
     def close(self) -> None:
         pass
+
+
+class _Broken:
+    """Stands in for a worker whose start-up failed, so the failure is recorded like a unit's."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def run(self, unit: Unit) -> None:
+        raise self.exc
