@@ -28,9 +28,9 @@ from pipeline.trainloop import (
     autocast,
     evaluate,
     load_weights,
-    rng_state,
+    resume,
     save_atomic,
-    set_rng_state,
+    save_checkpoint,
     sync_buffers,
     val_loader,
     wrap_ddp,
@@ -97,19 +97,10 @@ def train_student(args: dict[str, Any]) -> dict[str, Any]:
     sched = cosine_schedule(opt, args["epochs"])
     table = read_soft_labels(args["soft_labels"]) if args["relabel_mode"] == "stored" else None
     teacher = load_teacher(args, device) if table is None else None
-    start, resumed_from, history = 0, None, []
     ckpt_path = Path(args["checkpoint"])
-    if ckpt_path.exists():
-        ckpt = load_weights(ckpt_path)
-        if ckpt.get("config_hash") == args["config_hash"]:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-            set_rng_state(ckpt["rng"])
-            history = list(ckpt.get("history", []))
-            start = resumed_from = int(ckpt["epoch"]) + 1
-            if ddp.is_rank0():
-                log.info("train: resuming from the checkpoint of epoch %d", start - 1)
+    ckpt = resume(ckpt_path, args["config_hash"], model, opt, sched, "train")
+    resumed_from = int(ckpt["epoch"]) + 1 if ckpt else None
+    start, history = resumed_from or 0, list(ckpt.get("history", [])) if ckpt else []
     net = wrap_ddp(model, device)
     t0 = time.time()
     every = args["eval_every"]
@@ -143,9 +134,7 @@ def train_student(args: dict[str, Any]) -> dict[str, Any]:
             history.append({"epoch": epoch + 1, "top1": m["top1"], "top5": m["top5"]})
         ddp.all_reduce_sum(total)
         if ddp.is_rank0():
-            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                         "epoch": epoch, "rng": rng_state(), "config_hash": args["config_hash"],
-                         "history": history}, ckpt_path)
+            save_checkpoint(ckpt_path, model, opt, sched, epoch, args["config_hash"], history=history)
             if (epoch + 1) % max(1, args["epochs"] // 10) == 0 or epoch + 1 == args["epochs"]:
                 log.info("train: epoch %d/%d kd loss %.4f (%.1fs)", epoch + 1, args["epochs"],
                          float(total[0] / max(1.0, float(total[1]))), time.time() - t0)

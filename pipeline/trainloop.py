@@ -57,6 +57,33 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def save_checkpoint(path: Path, model: nn.Module, opt: Any, sched: Any, epoch: int, config_hash: str,
+                    **extra: Any) -> None:
+    """The end-of-epoch checkpoint: model, optimizer, scheduler, epoch, RNG states, config hash (+ extra)."""
+    save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "epoch": epoch, "rng": rng_state(), "config_hash": config_hash, **extra}, path)
+
+
+def resume(path: Path, config_hash: str, model: nn.Module, opt: Any, sched: Any, job: str) -> dict[str, Any] | None:
+    """Restore the last epoch's checkpoint into model/opt/sched when it matches `config_hash`.
+
+    Returns the checkpoint (its "epoch" is the last finished one) or None when there is nothing to resume.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    ckpt = load_weights(path)
+    if ckpt.get("config_hash") != config_hash:
+        return None
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    set_rng_state(ckpt["rng"])
+    if ddp.is_rank0():
+        log.info("%s: resuming from the checkpoint of epoch %d", job, int(ckpt["epoch"]))
+    return ckpt
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -148,18 +175,10 @@ def train_teacher(args: dict[str, Any]) -> dict[str, Any]:
         opt = make_optimizer(model, lr=args["lr"], weight_decay=args["weight_decay"])
     epochs = args["epochs"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 * (1 + math.cos(math.pi * e / epochs)))
-    start, resumed_from = 0, None
     ckpt_path = Path(args["checkpoint"])
-    if ckpt_path.exists():
-        ckpt = load_weights(ckpt_path)
-        if ckpt.get("config_hash") == args["config_hash"]:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-            set_rng_state(ckpt["rng"])
-            start = resumed_from = int(ckpt["epoch"]) + 1
-            if ddp.is_rank0():
-                log.info("squeeze: resuming from the checkpoint of epoch %d", start - 1)
+    ckpt = resume(ckpt_path, args["config_hash"], model, opt, sched, "squeeze")
+    resumed_from = int(ckpt["epoch"]) + 1 if ckpt else None
+    start = resumed_from or 0
     net = wrap_ddp(model, device)
     per_rank = max(1, args["batch_size"] // world)
     t0 = time.time()
@@ -182,8 +201,7 @@ def train_teacher(args: dict[str, Any]) -> dict[str, Any]:
         sync_buffers(model)
         ddp.all_reduce_sum(total)
         if ddp.is_rank0():
-            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                         "epoch": epoch, "rng": rng_state(), "config_hash": args["config_hash"]}, ckpt_path)
+            save_checkpoint(ckpt_path, model, opt, sched, epoch, args["config_hash"])
             log.info("squeeze: epoch %d/%d loss %.4f (%.1fs)", epoch + 1, epochs,
                      float(total[0] / max(1.0, float(total[1]))), time.time() - t0)
         ddp.barrier()
