@@ -161,11 +161,15 @@ def run_stage(ctx: RunContext, name: str, executor: Executor, progress: bool = T
     failures: list[Record] = []
     if pending:
         bar = _progress(name, len(units), len(units) - len(pending), progress)
+        produced = [0]  # images made by this stage's units so far (shown beside the unit count and ETA)
 
         def on_outcome(outcome: Outcome) -> None:
             rec = _record(ctx, name, outcome)
             if outcome.ok:
                 store.commit(rec)
+                produced[0] += int(rec.metrics.get("images", 0) or 0)
+                if produced[0]:
+                    bar.set_postfix(images=produced[0], refresh=False)
                 bar.update(1)
             else:
                 store.fail(rec)
