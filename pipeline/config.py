@@ -60,7 +60,7 @@ class SqueezeConfig:
     lr: float = 0.05
     weight_decay: float = 5e-4
     amp: bool = True  # bf16 autocast on GPU; ignored on CPU
-    workers: int = _op(1, "DDP workers (one per GPU; CPU workers use gloo)")
+    workers: int = _op(0, "DDP workers: 0 = one per GPU (1 without GPUs); CPU workers use gloo")
 
 
 @dataclass
@@ -113,7 +113,7 @@ class TrainConfig:
     mix_alpha: float = 1.0
     crop_scale_min: float = 0.08
     amp: bool = True  # bf16 autocast on GPU; ignored on CPU
-    workers: int = _op(1, "DDP workers (one per GPU; CPU workers use gloo)")
+    workers: int = _op(0, "DDP workers: 0 = one per GPU (1 without GPUs); CPU workers use gloo")
 
 
 @dataclass
@@ -179,7 +179,7 @@ _POSITIVE = (
     "data.resolution", "data.shard_size", "squeeze.epochs", "squeeze.batch_size", "recover.ipc",
     "recover.iterations", "recover.ipc_per_unit", "recover.dwa_steps",
     "recover.max_attempts", "recover.cpus_per_worker", "relabel.images_per_unit", "relabel.batch_size",
-    "train.epochs", "train.batch_size", "squeeze.workers", "train.workers", "eval.batch_size",
+    "train.epochs", "train.batch_size", "eval.batch_size",
 )
 
 
@@ -285,7 +285,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("config keys '*.crop_scale_min' must be in (0, 1]")
     for sec in ("squeeze", "train"):
         bs, workers = getattr(cfg, sec).batch_size, getattr(cfg, sec).workers
-        if bs % workers:
+        if workers < 0:
+            raise ConfigError(f"config key '{sec}.workers' must be >= 0 (0 = one per GPU), got {workers}")
+        if workers and bs % workers:
             raise ConfigError(f"config key '{sec}.batch_size' ({bs}) must be a multiple of '{sec}.workers' ({workers}): "
                               "it is the global batch, split evenly over the DDP ranks")
     from pipeline.models import ARCHS  # local import: models pulls in torch

@@ -45,7 +45,6 @@ def _imagenet(method: str, ipc: int) -> Callable[[], Config]:
         cfg.data.num_workers = 8
         cfg.squeeze.arch = "resnet18"
         cfg.squeeze.weights = "ResNet18_Weights.IMAGENET1K_V1"
-        cfg.squeeze.workers = 8
         r = cfg.recover
         r.method, r.ipc, r.jitter, r.lr = method, ipc, 32, 0.25
         r.iterations = 2000 if method == "dwa" else 4000
@@ -55,7 +54,7 @@ def _imagenet(method: str, ipc: int) -> Callable[[], Config]:
         cfg.relabel.mode, cfg.relabel.top_k = "stored", 100
         t = cfg.train
         t.arch, t.epochs, t.batch_size, t.temperature = "resnet18", 300, 128, 20.0
-        t.mix, t.mix_alpha, t.workers = "cutmix", 1.0, 8
+        t.mix, t.mix_alpha = "cutmix", 1.0
         cfg.eval.every = 50
         return cfg
 

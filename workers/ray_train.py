@@ -127,7 +127,7 @@ def launch_ddp(
     """Run a DDP job: Ray Train when the Ray executor is in use (`workers.use_ray(cfg)`), else local processes.
 
     Returns rank 0's return value. On Ray, GPU workers are used when the cluster has GPUs; locally, one
-    process per worker (gloo on CPU, nccl on GPU).
+    process per worker (gloo on CPU, nccl on GPU). `num_workers` 0 means one per GPU (1 without GPUs).
     """
     if use_ray(cfg):
         import ray
@@ -136,12 +136,17 @@ def launch_ddp(
 
         owns = connect_ray(cfg.ray)
         try:
-            has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-            return launch_ray_train(fn, arg, num_workers, use_gpu=has_gpu, cpus_per_worker=cpus_per_worker,
+            gpus = int(ray.cluster_resources().get("GPU", 0))
+            num_workers = num_workers or max(1, gpus)  # 0 = one worker per GPU of the cluster
+            log.info("DDP job on Ray Train: %d %s worker(s)", num_workers, "GPU" if gpus else "CPU")
+            return launch_ray_train(fn, arg, num_workers, use_gpu=gpus > 0, cpus_per_worker=cpus_per_worker,
                                     storage_path=storage_path)
         finally:
             if owns:
                 ray.shutdown()
+    import torch
+
     from pipeline.ddp import launch_local
 
+    num_workers = num_workers or max(1, torch.cuda.device_count())  # 0 = one process per local GPU
     return launch_local(fn, arg, num_workers)
