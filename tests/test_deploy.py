@@ -130,8 +130,8 @@ def test_submit_sh_builds_command() -> None:
 
 JOB_ENV = {"excludes": JOB_EXCLUDES, "env_vars": {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}}
 # 10 demo classes in shards of 5 x IPC 4, one image per unit -> 8 recover units of a few seconds each.
-SLOW_RECOVER = ["recover.iterations=50", "recover.ipc=4", "recover.ipc_per_unit=1", "recover.classes_per_shard=5"]
-SLOW_RECOVER_UNITS = 8
+SLOW_RECOVER = ["recover.iterations=60", "recover.ipc=8", "recover.ipc_per_unit=1", "recover.classes_per_shard=5"]
+SLOW_RECOVER_UNITS = 16  # seconds of work remain after the first record, whatever the machine's load
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -304,8 +304,7 @@ def test_job_stopped_mid_recover_resumes(ray_head: LocalRayHead, demo_job: DemoJ
             return len(_unit_records(run_dir)) >= 1
 
         _wait_for(some_done, 240, "a first recover unit record")
-        stopped = ray_head.stop_job(first)
-        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        assert ray_head.stop_job(first)
         assert ray_head.wait_job(first, timeout=60) == "STOPPED"
         # The driver is gone, and Ray has destroyed the actors it owned: nothing keeps writing.
         _wait_for(lambda: not _actor_processes(ray_head), 60, "the stopped job's actors to exit", poll=0.5)
