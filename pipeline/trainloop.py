@@ -35,7 +35,10 @@ def save_atomic(obj: Any, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as fh:  # a file object, so the archive's inner name does not carry the temp name:
+        torch.save(obj, fh)      # the same weights give the same bytes (and sha256) in every run
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
@@ -182,11 +185,12 @@ def train_teacher(args: dict[str, Any]) -> dict[str, Any]:
     net = wrap_ddp(model, device)
     per_rank = max(1, args["batch_size"] // world)
     t0 = time.time()
+    loader = make_loader(args["train_shards"], train=True, batch_size=per_rank, resolution=args["resolution"],
+                         rank=rank, world_size=world, backend=args["loader"], num_workers=args["num_workers"],
+                         seed=args["seed"], epoch=start, num_samples=args["num_train"], device=device.type)
     for epoch in range(start, epochs):
         net.train()
-        loader = make_loader(args["train_shards"], train=True, batch_size=per_rank, resolution=args["resolution"],
-                             rank=rank, world_size=world, backend=args["loader"], num_workers=args["num_workers"],
-                             seed=args["seed"], epoch=epoch, num_samples=args["num_train"], device=device.type)
+        loader.set_epoch(epoch)  # the epoch's seeds (and DALI shard order); the loader itself is built once
         total = torch.zeros(2, dtype=torch.float64, device=device)
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)

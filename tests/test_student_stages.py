@@ -347,3 +347,16 @@ def test_full_fast_pipeline_summary_and_online_mode(relabeled_run: Path, tmp_pat
     assert (online_dir / "checkpoints" / "student.pt").stat().st_mtime_ns != before
     osummary = json.loads((online_dir / "results" / "summary.json").read_text())
     assert osummary["relabel_mode"] == "online" and 0.0 <= osummary["top1"] <= 100.0
+
+
+def test_saved_weights_are_byte_identical_across_runs(tmp_path: Path) -> None:
+    """torch.save through a temp name must not leak the (pid-dependent) temp name into the archive."""
+    import torch
+
+    from pipeline.trainloop import save_atomic
+
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    save_atomic(state, tmp_path / "a.pt")
+    save_atomic(state, tmp_path / "b.pt")  # another name, as another run's checkpoint or temp file would have
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+    assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True)["w"], state["w"])
