@@ -109,6 +109,9 @@ def _spawned(index: int, fn: Callable[[Any], Any], arg: Any, world_size: int, po
             with open(tmp, "wb") as fh:
                 pickle.dump(value, fh)
             os.replace(tmp, Path(out_dir) / _RESULT_FILE)
+        # Tear down together: a rank that destroys its group and exits while a peer is still busy (rank 0
+        # writing the result) closes the peer's gloo connections under it, and gloo aborts that process.
+        barrier()
     except BaseException:
         # Time-stamped, so the launcher can name the rank that failed first (the others then fail in
         # their collectives with "connection closed by peer").
