@@ -62,20 +62,21 @@ def _imagenet(method: str, ipc: int) -> Callable[[], Config]:
     return make
 
 
+def _small_images(cfg: Config, method: str, dataset: str, resolution: int) -> None:
+    """What Tiny-ImageNet and CIFAR share: a teacher trained on the real shards, the CIFAR/Tiny recover settings."""
+    cfg.data.dataset, cfg.data.resolution, cfg.data.shard_size = dataset, resolution, 1000
+    sq = cfg.squeeze
+    sq.weights, sq.epochs, sq.batch_size, sq.lr = "", 50, 256, 0.2  # "": train the teacher on the real shards
+    r = cfg.recover
+    r.jitter, r.iterations, r.dwa_steps = 4, 1000, 12
+    r.r_var = 11.0 if method == "dwa" else 1.0
+
+
 def _tiny(method: str, ipc: int) -> Callable[[], Config]:
     def make() -> Config:
         cfg = _imagenet(method, ipc)()
-        cfg.data.dataset = "tiny-imagenet"
-        cfg.data.resolution = 64
-        cfg.data.shard_size = 1000
-        cfg.squeeze.weights = ""  # train the teacher on the real shards
-        cfg.squeeze.epochs = 50
-        cfg.squeeze.batch_size = 256
-        cfg.squeeze.lr = 0.2
-        r = cfg.recover
-        r.lr, r.jitter, r.iterations = 0.1, 4, 1000
-        r.r_var = 11.0 if method == "dwa" else 1.0
-        r.dwa_steps = 12
+        _small_images(cfg, method, "tiny-imagenet", 64)
+        cfg.recover.lr = 0.1
         cfg.train.epochs = 200
         return cfg
 
@@ -86,17 +87,8 @@ def _tiny(method: str, ipc: int) -> Callable[[], Config]:
 def _cifar10(method: str, ipc: int) -> Callable[[], Config]:
     def make() -> Config:
         cfg = _imagenet(method, ipc)()
-        cfg.data.dataset = "cifar-10"
-        cfg.data.resolution = 32
-        cfg.data.shard_size = 1000
-        cfg.squeeze.weights = ""
-        cfg.squeeze.epochs = 50
-        cfg.squeeze.batch_size = 256
-        cfg.squeeze.lr = 0.2
-        r = cfg.recover
-        r.jitter, r.iterations = 4, 1000
-        r.r_var = 11.0 if method == "dwa" else 1.0
-        r.dwa_steps, r.classes_per_shard = 12, 10
+        _small_images(cfg, method, "cifar-10", 32)
+        cfg.recover.classes_per_shard = 10
         cfg.relabel.top_k = 10
         t = cfg.train
         t.mix, t.mix_alpha, t.temperature, t.epochs = "mixup", 0.8, 30.0, 400

@@ -106,7 +106,7 @@ def changed_stages(ctx: RunContext) -> list[str]:
 
 
 def _stage_dirs(name: str) -> list[str]:
-    return list(getattr(get_stage(name), "output_dirs", ()))
+    return list(get_stage(name).output_dirs)
 
 
 def prepare(ctx: RunContext, fresh: bool) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline import ddp
+from pipeline import ddp, trainloop
 from pipeline.augment import ViewConfig, draw_views, render_batch
 from pipeline.models import build_model
 from pipeline.optim import cosine_schedule, make_optimizer
@@ -27,7 +27,6 @@ from pipeline.synthesis import normalize
 from pipeline.trainloop import (
     autocast,
     evaluate,
-    load_weights,
     resume,
     save_atomic,
     save_checkpoint,
@@ -76,9 +75,8 @@ def view_config(args: dict[str, Any]) -> ViewConfig:
 
 
 def load_teacher(args: dict[str, Any], device: torch.device) -> nn.Module:
-    teacher = build_model(args["teacher_arch"], args["num_classes"], args["resolution"])
-    teacher.load_state_dict(load_weights(Path(args["teacher"])))
-    return teacher.to(device).eval().requires_grad_(False)
+    """The teacher named by a student job's arguments (online relabel)."""
+    return trainloop.load_teacher(args["teacher_arch"], args["num_classes"], args["resolution"], args["teacher"], device)
 
 
 def train_student(args: dict[str, Any]) -> dict[str, Any]:

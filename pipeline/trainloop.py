@@ -230,6 +230,13 @@ def import_teacher(args: dict[str, Any]) -> dict[str, Any]:
             "weights": source}
 
 
+def load_teacher(arch: str, num_classes: int, resolution: int, path: Path, device: torch.device) -> nn.Module:
+    """The squeeze stage's teacher, frozen in eval mode on `device`."""
+    model = build_model(arch, num_classes, resolution)
+    model.load_state_dict(load_weights(Path(path)))
+    return model.to(device).eval().requires_grad_(False)
+
+
 def resolve_weights(source: str) -> dict[str, torch.Tensor]:
     """A state_dict from a file (weights_only) or from torchvision's local cache; never downloads."""
     path = Path(source)

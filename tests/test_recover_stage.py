@@ -253,7 +253,7 @@ def test_unit_records_carry_loss_terms(runs, method):
 
 # ------------------------------------------------------------------------------------------------ bad input
 
-def _bn_less_teacher(ctx, device):  # noqa: ANN001, ANN202 - stands in for recover._build_teacher
+def _bn_less_teacher(ctx, device):  # noqa: ANN001, ANN202 - stands in for recover.run_teacher
     return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
                                torch.nn.Flatten(), torch.nn.Linear(8, NUM_CLASSES)).eval()
 
@@ -276,7 +276,7 @@ def test_bad_input_is_refused_before_any_work(teacher_run, tmp_path, monkeypatch
     if case == "no_teacher":
         (run_dir / "checkpoints" / "teacher.pt").unlink()
     if case == "bn_less_teacher":
-        monkeypatch.setattr(recover, "_build_teacher", _bn_less_teacher)
+        monkeypatch.setattr(recover, "run_teacher", _bn_less_teacher)
 
     with pytest.raises(ConfigError, match=pattern):
         run_pipeline(fast_config(*overrides), run_dir, stages=["recover"], progress=False)

@@ -94,6 +94,7 @@ class Stage:
     sections: tuple[str, ...] = ()
     distributed: bool = False
     needs_gpu: bool = False
+    output_dirs: tuple[str, ...] = ()  # folders under the run dir that --fresh clears with the stage's records
 
     def validate(self, ctx: RunContext) -> None:
         """Check inputs before any work starts; raise ConfigError with a clear message."""

@@ -43,6 +43,14 @@ def launch(ctx: RunContext, fn: Any, args: dict[str, Any], workers: int) -> dict
     return launch_ddp(fn, args, workers, ctx.config)
 
 
+def run_teacher(ctx: RunContext, device: Any) -> Any:
+    """The teacher written by this run's squeeze stage, frozen on `device`."""
+    from pipeline.trainloop import load_teacher
+
+    return load_teacher(ctx.config.squeeze.arch, real_meta(ctx)["num_classes"], ctx.config.data.resolution,
+                        ctx.path(TEACHER), device)
+
+
 def recover_index_paths(ctx: RunContext) -> list[str]:
     recs = sorted(ctx.store.records("recover"), key=lambda r: r.unit)
     return [str(ctx.path(o.uri)) for r in recs for o in r.outputs if o.uri.endswith(".parquet")]

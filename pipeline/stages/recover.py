@@ -22,7 +22,7 @@ from pipeline.data.shards import IndexedImages, Sample, read_index, write_shard
 from pipeline.data.synthetic import SYNTHETIC_DIR, decode_rgb, synthetic_index
 from pipeline.seeding import generator
 from pipeline.stages.base import RunContext, Stage, Unit, UnitResult
-from pipeline.stages.common import TEACHER, check_file, real_meta
+from pipeline.stages.common import TEACHER, check_file, real_meta, run_teacher
 
 log = logging.getLogger(__name__)
 GRID_DIR = "results/grids"
@@ -79,7 +79,7 @@ class RecoverStage(Stage):
             log.warning("recover: class shards of one class make the BN statistics term meaningless")
         if r.method != "random-real":
             check_file(ctx.path(TEACHER), "teacher weights (run the squeeze stage)")
-            teacher = _build_teacher(ctx, torch.device("cpu"))
+            teacher = run_teacher(ctx, torch.device("cpu"))
             from pipeline.models import has_batchnorm
 
             if not has_batchnorm(teacher):
@@ -106,16 +106,6 @@ class RecoverStage(Stage):
                 "method": ctx.config.recover.method}
 
 
-def _build_teacher(ctx: RunContext, device: torch.device) -> torch.nn.Module:
-    from pipeline.models import build_model
-    from pipeline.trainloop import load_weights
-
-    meta = real_meta(ctx)
-    model = build_model(ctx.config.squeeze.arch, meta["num_classes"], ctx.config.data.resolution)
-    model.load_state_dict(load_weights(ctx.path(TEACHER)))
-    return model.to(device).eval().requires_grad_(False)
-
-
 class RecoverWorker:
     """Holds the teacher (loaded once) and the real-image index of the train split."""
 
@@ -123,7 +113,7 @@ class RecoverWorker:
         self.ctx = ctx
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         r = ctx.config.recover
-        self.teacher = _build_teacher(ctx, self.device) if r.method != "random-real" else None
+        self.teacher = run_teacher(ctx, self.device) if r.method != "random-real" else None
         if self.teacher is not None and r.channels_last and self.device.type == "cuda":
             self.teacher = self.teacher.to(memory_format=torch.channels_last)
         names = real_meta(ctx)["shards"]["train"]
@@ -274,9 +264,13 @@ def write_grids(ctx: RunContext, max_cols: int = 10) -> list[str]:
 
 
 def _save_png(img: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    tmp.replace(path)
+    import io
+
+    from manifests.store import atomic_write_bytes
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 STAGE = RecoverStage()

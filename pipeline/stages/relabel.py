@@ -15,7 +15,7 @@ import torch
 
 from pipeline.data.synthetic import SYNTHETIC_DIR, load_images
 from pipeline.stages.base import RunContext, Stage, Unit, UnitResult
-from pipeline.stages.common import TEACHER, real_meta, recover_index_paths
+from pipeline.stages.common import real_meta, recover_index_paths, run_teacher
 
 SOFT_DIR = "soft_labels"
 
@@ -65,15 +65,11 @@ class RelabelStage(Stage):
 class RelabelWorker:
     def __init__(self, ctx: RunContext) -> None:
         from pipeline.data.shards import read_index
-        from pipeline.student import load_teacher
 
         self.ctx = ctx
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.images, _ = load_images(ctx.path(SYNTHETIC_DIR), read_index([Path(p) for p in recover_index_paths(ctx)]))
-        meta = real_meta(ctx)
-        self.teacher = load_teacher({"teacher_arch": ctx.config.squeeze.arch, "num_classes": meta["num_classes"],
-                                     "resolution": ctx.config.data.resolution, "teacher": str(ctx.path(TEACHER))},
-                                    self.device)
+        self.teacher = run_teacher(ctx, self.device)
 
     @torch.no_grad()
     def run(self, unit: Unit) -> UnitResult:

@@ -14,7 +14,6 @@ class SqueezeStage(Stage):
     name = "squeeze"
     depends_on = ("ingest",)
     sections = ("seed", "squeeze")
-    output_dirs = ()
 
     def validate(self, ctx: RunContext) -> None:
         w = ctx.config.squeeze.weights

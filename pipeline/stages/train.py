@@ -7,7 +7,7 @@ from typing import Any
 from pipeline.data.synthetic import SYNTHETIC_DIR
 from pipeline.stages.base import RunContext, Stage, Unit, UnitResult
 from pipeline.stages.common import STUDENT, TEACHER, data_args, launch, recover_index_paths
-from pipeline.stages.relabel import top_k, view_args
+from pipeline.stages.relabel import num_synthetic, top_k, view_args
 
 
 def student_args(ctx: RunContext) -> dict[str, Any]:
@@ -22,8 +22,7 @@ def student_args(ctx: RunContext) -> dict[str, Any]:
         "eval_every": cfg.eval.every, "checkpoint": str(ctx.path("checkpoints", "train-last.pt")),
         "output": str(ctx.path(STUDENT)), "config_hash": ctx.hashes["train"],
         # rendering a small synthetic set in the main process beats starting worker processes every epoch
-        "num_workers": cfg.data.num_workers if sum(int(r.metrics.get("images", 0)) for r in ctx.store.records("recover"))
-        >= 5000 else 0,
+        "num_workers": cfg.data.num_workers if num_synthetic(ctx) >= 5000 else 0,
     }
 
 
