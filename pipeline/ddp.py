@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -109,9 +110,14 @@ def _spawned(index: int, fn: Callable[[Any], Any], arg: Any, world_size: int, po
             with open(tmp, "wb") as fh:
                 pickle.dump(value, fh)
             os.replace(tmp, Path(out_dir) / _RESULT_FILE)
-        # Tear down together: a rank that destroys its group and exits while a peer is still busy (rank 0
-        # writing the result) closes the peer's gloo connections under it, and gloo aborts that process.
+        # Finish together, then leave without running the process group's C++ teardown: gloo's destructors
+        # race with the peer closing its connections and abort the process now and then (SIGABRT,
+        # "terminate called without an active exception") after all the work is done. Everything this
+        # rank owns is written and closed by now, so an immediate exit loses nothing.
         barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     except BaseException:
         # Time-stamped, so the launcher can name the rank that failed first (the others then fail in
         # their collectives with "connection closed by peer").
