@@ -41,24 +41,23 @@ def timed_synthesis(teacher, res, batch, iterations, device, dwa_steps=None, dwa
     init = torch.randn(batch, 3, res, res, device=device)
     gen = torch.Generator().manual_seed(0)
     params = RecoverParams(iterations=iterations, jitter=4 if res <= 64 else 32, r_var=2.0)
-    dwa_batches = None
+    subset = None
     dwa_batch = dwa_batch or batch  # the pipeline's default: B = the synthesis batch size
-    if dwa_steps:
-        dwa_batches = [(torch.randn(dwa_batch, 3, res, res, device=device),
-                        torch.randint(0, targets.max().item() + 1, (dwa_batch,), device=device))
-                       for _ in range(dwa_steps)]
+    if dwa_steps:  # one real subset for all K steps, as the recover stage draws it
+        subset = (torch.randn(dwa_batch, 3, res, res, device=device),
+                  torch.randint(0, targets.max().item() + 1, (dwa_batch,), device=device))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     t_dwa = 0.0
-    if dwa_batches:
+    if subset is not None:
         sync()
         t0 = time.perf_counter()
-        saved = dwa_perturb(teacher, dwa_batches, DWAParams(steps=dwa_steps))
+        saved = dwa_perturb(teacher, subset, DWAParams(steps=dwa_steps))
         sync()
         t_dwa = time.perf_counter() - t0
         restore_parameters(teacher, saved)
     sync()
     t0 = time.perf_counter()
-    synthesize_batch(teacher, targets, init, params, gen, dwa_batches=dwa_batches,
+    synthesize_batch(teacher, targets, init, params, gen, dwa_batch=subset,
                      dwa=DWAParams(steps=dwa_steps) if dwa_steps else None, autocast_dtype=amp,
                      channels_last=channels_last)
     sync()

@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from pipeline.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402,F401 - the defaults of normalize()
 
 _NO_BN_MESSAGE = "the teacher has no BatchNorm2d layers; SRe2L/DWA recover needs BN statistics"
 
@@ -260,7 +259,9 @@ def augment_batch(
 
     The crop (scale in `crop_scale`, aspect ratio in [3/4, 4/3]) is resized to `out_size` bilinearly, so
     the result is differentiable w.r.t. `x`; the flip has probability 0.5 (if `flip`); the roll shifts by
-    (dy, dx) uniform in [-jitter, jitter]. All randomness comes from `gen`, a CPU generator.
+    (dy, dx), each uniform in [0, jitter] (one-sided, as the official SRe2L / DWA code's
+    `random.randint(0, jitter)`; the roll wraps around, so a shift of s equals one of s - H the other way).
+    All randomness comes from `gen`, a CPU generator.
     """
     if gen.device.type != "cpu":
         raise ValueError(f"augment_batch needs a CPU torch.Generator, got one on {gen.device}")
@@ -275,8 +276,8 @@ def augment_batch(
     if flip and _uniform(gen, 0.0, 1.0) < 0.5:
         out = out.flip(-1)
     if jitter > 0:
-        dy = _randint(gen, -jitter, jitter)
-        dx = _randint(gen, -jitter, jitter)
+        dy = _randint(gen, 0, jitter)
+        dx = _randint(gen, 0, jitter)
         out = torch.roll(out, shifts=(dy, dx), dims=(2, 3))
     return out
 
@@ -304,20 +305,25 @@ def restore_parameters(teacher: nn.Module, saved: Sequence[Tensor]) -> None:
             p.copy_(s)
 
 
-def dwa_perturb(
-    teacher: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], params: DWAParams
-) -> list[Tensor]:
+def dwa_perturb(teacher: nn.Module, batch: tuple[Tensor, Tensor], params: DWAParams) -> list[Tensor]:
     """Perturb the teacher's parameters in place by K = `params.steps` normalized gradient-ascent steps on CE.
 
-    Step k uses `batches[k]` (normalized real images, labels): e = grad * (rho / K) / (||grad||_2 + 1e-12),
-    one global L2 norm over all parameter gradients, theta += e. The teacher runs in eval mode, so its BN
-    running buffers never change; buffers are never perturbed. Gradients come from `torch.autograd.grad`, so
-    no `.grad` is read or written. Returns clones of the original parameters for `restore_parameters`; if
-    an error occurs the parameters are restored before it propagates. Module modes and requires_grad flags
+    Every step uses the same real subset `batch` = (normalized images, labels), as the official DWA code
+    does with its batch of real init images: the K steps then keep pointing the same way and the total
+    perturbation reaches (almost exactly) rho. Step k: e = grad * (rho / K) / (||grad||_2 + 1e-12), one
+    global L2 norm over all parameter gradients, theta += e, with the gradient taken at the already
+    perturbed parameters. The teacher runs in eval mode, so its BN running buffers never change; buffers
+    are never perturbed. Gradients come from `torch.autograd.grad`, so no `.grad` is read or written.
+    Returns clones of the original parameters for `restore_parameters` (and `perturbation_norm`); if an
+    error occurs the parameters are restored before it propagates. Module modes and requires_grad flags
     are restored on return.
     """
-    if len(batches) != params.steps:
-        raise ValueError(f"DWA needs {params.steps} batches (one per step), got {len(batches)}")
+    if not (isinstance(batch, tuple | list) and len(batch) == 2 and isinstance(batch[0], Tensor)):
+        raise ValueError("DWA needs one real subset: a pair (normalized images [B, 3, H, W], labels [B])")
+    images, labels = batch
+    if images.dim() != 4 or labels.dim() != 1 or images.shape[0] != labels.shape[0] or images.shape[0] == 0:
+        raise ValueError(f"DWA subset: images {tuple(images.shape)} and labels {tuple(labels.shape)} must be "
+                         "[B, 3, H, W] and [B] with B >= 1")
     plist = list(teacher.parameters())
     if not plist:
         raise ValueError("the teacher has no parameters to perturb")
@@ -330,7 +336,7 @@ def dwa_perturb(
         for p in plist:
             p.requires_grad_(True)
         with torch.enable_grad():
-            for images, labels in batches:
+            for _ in range(params.steps):
                 loss = F.cross_entropy(teacher(images).float(), labels)
                 grads = torch.autograd.grad(loss, plist, allow_unused=True)
                 used = [(p, g) for p, g in zip(plist, grads, strict=True) if g is not None]
@@ -351,6 +357,13 @@ def dwa_perturb(
     return saved
 
 
+def perturbation_norm(teacher: nn.Module, saved: Sequence[Tensor]) -> Tensor:
+    """||theta - saved||_2 over all parameters (float64, on the parameters' device, no host sync)."""
+    with torch.no_grad():
+        sq = [(p.detach().double() - s.double()).pow(2).sum() for p, s in zip(teacher.parameters(), saved, strict=True)]
+    return torch.stack(sq).sum().sqrt()
+
+
 # --------------------------------------------------------------------------------------------------
 # Recover
 
@@ -362,29 +375,31 @@ def synthesize_batch(
     params: RecoverParams,
     gen: torch.Generator,
     *,
-    dwa_batches: Sequence[tuple[Tensor, Tensor]] | None = None,
+    dwa_batch: tuple[Tensor, Tensor] | None = None,
     dwa: DWAParams | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Optimize one batch of synthetic images against `teacher` (SRe2L recover; DWA when `dwa_batches`).
+    """Optimize one batch of synthetic images against `teacher` (SRe2L recover; DWA when `dwa_batch`).
 
     `targets` [B] are class ids, `init` [B, 3, H, W] normalized initial images (on the teacher's device).
-    If `dwa_batches` is given, the teacher is first perturbed by `dwa_perturb` (with `dwa`, default
-    `DWAParams(steps=len(dwa_batches))`) and the clean parameters are restored in all cases. The teacher's
-    values, buffers, module modes and requires_grad flags are as before on return, and no `.grad` is set.
+    If `dwa_batch` (a real subset: normalized images, labels) is given, the teacher is first perturbed by
+    `dwa_perturb` (with `dwa`, default `DWAParams()`) and the clean parameters are restored in all cases. The
+    teacher's values, buffers, module modes and requires_grad flags are as before on return, and no `.grad`
+    is set.
 
     Returns (images denormalized to [0, 1], float32, detached, on init's device;
-    {"ce", "bn", "total"}: per-iteration losses [iterations] on the same device, detached).
+    {"ce", "bn", "total"}: per-iteration losses [iterations] on the same device, detached, plus, with DWA,
+    "dwa_delta_norm": [1], the L2 norm of the parameter perturbation that was used).
     """
     if init.dim() != 4 or init.shape[1] != len(mean):
         raise ValueError(f"init must be [B, {len(mean)}, H, W], got shape {tuple(init.shape)}")
     if targets.dim() != 1 or targets.shape[0] != init.shape[0]:
         raise ValueError(f"targets must be [B] with B = {init.shape[0]}, got shape {tuple(targets.shape)}")
-    if dwa is not None and dwa_batches is None:
-        raise ValueError("DWAParams given without dwa_batches (real images for the weight perturbation)")
+    if dwa is not None and dwa_batch is None:
+        raise ValueError("DWAParams given without dwa_batch (real images for the weight perturbation)")
     hook = BNStatsHook(teacher, r_var=params.r_var)  # raises early if the teacher has no BatchNorm2d
 
     device = init.device
@@ -399,9 +414,9 @@ def synthesize_batch(
         teacher.eval()
         if use_channels_last:
             teacher.to(memory_format=torch.channels_last)
-        if dwa_batches is not None:
-            dwa_params = dwa if dwa is not None else DWAParams(steps=len(dwa_batches))
-            saved = dwa_perturb(teacher, dwa_batches, dwa_params)
+        if dwa_batch is not None:
+            saved = dwa_perturb(teacher, dwa_batch, dwa if dwa is not None else DWAParams())
+            hist["dwa_delta_norm"] = perturbation_norm(teacher, saved).float().reshape(1).to(device)
         for p in plist:
             p.requires_grad_(False)
 

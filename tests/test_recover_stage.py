@@ -249,6 +249,28 @@ def test_unit_records_carry_loss_terms(runs, method):
         assert m["loss_total"] == pytest.approx(m["loss_ce"] + cfg.recover.r_bn * m["loss_bn"], rel=1e-4)
         assert m["image_iterations"] == m["images"] * cfg.recover.iterations == 5 * 4
         assert m["device"] == "cpu" and m["seconds"] > 0
+        if method == "dwa":
+            # One class-balanced real subset serves all K ascent steps, so ||delta|| reaches rho
+            # (fresh subsets per step reached about 0.57 rho on this teacher).
+            assert 0.95 <= m["dwa_radius_ratio"] <= 1.0 + 1e-4, m
+        else:
+            assert "dwa_radius_ratio" not in m
+
+
+def test_dwa_subset_is_class_balanced_fresh_per_batch_and_seeded(teacher_run, tmp_path):
+    ctx = open_context(fast_config("recover.dwa_batch_size=10"), clone_run(teacher_run, tmp_path / "run"))
+    worker = RecoverWorker(ctx)
+    classes = range(5, 10)
+    x, y = worker.dwa_subset(classes, "k", 0)
+    assert x.shape == (10, 3, 32, 32)
+    assert sorted(y.tolist()) == [c for c in classes for _ in range(2)]  # 10 / 5 classes = 2 of each
+    again, _ = worker.dwa_subset(classes, "k", 0)
+    other, _ = worker.dwa_subset(classes, "k", 1)
+    assert torch.equal(x, again) and not torch.equal(x, other)
+    # The default size is the synthesis batch: one image of each class, as the official batch of real inits.
+    ctx.config.recover.dwa_batch_size = 0
+    _, y1 = worker.dwa_subset(classes, "k", 0)
+    assert sorted(y1.tolist()) == list(classes)
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -120,6 +120,7 @@ class RecoverWorker:
         self.real = IndexedImages(ctx.path("real"), read_index([ctx.path("real", f"{n}.parquet") for n in names]))
         self.by_class = self.real.rows_of_class()
         self.res = ctx.config.data.resolution
+        self.mean, self.std = tuple(ctx.config.data.mean), tuple(ctx.config.data.std)
 
     # -- real images
     def real_batch(self, rows: list[int]) -> torch.Tensor:
@@ -128,7 +129,7 @@ class RecoverWorker:
 
         arrays = [_center(decode_rgb(self.real.raw(i)), self.res) for i in rows]
         x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
-        return normalize(x).to(self.device)
+        return normalize(x, self.mean, self.std).to(self.device)
 
     def class_rows(self, cls: int, purpose: str) -> list[int]:
         """This class's real rows in a seeded order keyed by (run seed, purpose, class): any unit split agrees."""
@@ -138,19 +139,29 @@ class RecoverWorker:
         g = generator(self.ctx.config.seed, "recover", purpose, cls)
         return [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
 
-    def dwa_batches(self, classes: range, key: str, j: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """K random subsets B of the real images of this unit's classes (fresh for each batch j)."""
+    def dwa_subset(self, classes: range, key: str, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """DWA's real subset B for batch j of a unit: class-balanced over the unit's classes, fresh per batch.
+
+        B holds `ceil(dwa_batch_size / classes)` images of every class of the unit (default size = the
+        synthesis batch, i.e. one image per class, like the official code's batch of real init images),
+        drawn without replacement where the class has enough images, from a generator keyed by
+        (run seed, "recover", "dwa", unit key, j). The same B serves all K ascent steps.
+        """
         r = self.ctx.config.recover
-        pool = [row for c in classes for row in self.by_class.get(c, [])]
+        per_class = max(1, math.ceil((r.dwa_batch_size or len(classes)) / len(classes)))
         g = generator(self.ctx.config.seed, "recover", "dwa", key, j)
-        out = []
-        for _ in range(r.dwa_steps):
-            size = r.dwa_batch_size or len(classes)
-            pick = torch.randint(len(pool), (size,), generator=g).tolist()
-            rows = [pool[i] for i in pick]
-            labels = torch.tensor([self.real.cls[i] for i in rows], dtype=torch.long, device=self.device)
-            out.append((self.real_batch(rows), labels))
-        return out
+        rows: list[int] = []
+        for c in classes:
+            pool = self.by_class.get(c, [])
+            if not pool:
+                raise ValueError(f"class {c} has no real training images in the ingest index (needed by DWA)")
+            if per_class <= len(pool):
+                pick = torch.randperm(len(pool), generator=g)[:per_class].tolist()
+            else:
+                pick = torch.randint(len(pool), (per_class,), generator=g).tolist()
+            rows += [pool[i] for i in pick]
+        labels = torch.tensor([self.real.cls[i] for i in rows], dtype=torch.long, device=self.device)
+        return self.real_batch(rows), labels
 
     # -- one unit
     def run(self, unit: Unit) -> UnitResult:
@@ -172,6 +183,7 @@ class RecoverWorker:
         init_kind = resolved_init(r.method, r.init)
         samples: list[Sample] = []
         finals: list[dict[str, float]] = []
+        radius: list[torch.Tensor] = []
         for j in range(i0, i1):
             if r.method == "random-real" or init_kind == "real":
                 rows = []
@@ -182,16 +194,18 @@ class RecoverWorker:
             if r.method == "random-real":
                 from pipeline.synthesis import denormalize
 
-                images = denormalize(real).clamp(0, 1)
+                images = denormalize(real, self.mean, self.std).clamp(0, 1)
                 loss_last = {}
             else:
                 init = init_images(init_kind, len(targets), self.res, gen, real=real if init_kind == "real" else None,
                                    device=self.device)
-                dwa = self.dwa_batches(classes, unit.key, j) if r.method == "dwa" else None
+                dwa = self.dwa_subset(classes, unit.key, j) if r.method == "dwa" else None
                 images, hist = synthesize_batch(
-                    self.teacher, targets, init, params, gen, dwa_batches=dwa,
+                    self.teacher, targets, init, params, gen, dwa_batch=dwa,
                     dwa=DWAParams(steps=r.dwa_steps, rho=r.dwa_rho) if dwa else None,
-                    autocast_dtype=amp, channels_last=r.channels_last)
+                    mean=self.mean, std=self.std, autocast_dtype=amp, channels_last=r.channels_last)
+                if "dwa_delta_norm" in hist:
+                    radius.append(hist.pop("dwa_delta_norm"))
                 tail = max(1, r.iterations // 20)
                 loss_last = {k: float(v[-tail:].mean()) for k, v in hist.items()}  # one sync per batch
                 loss_first = {k: float(v[0]) for k, v in hist.items()}
@@ -204,6 +218,9 @@ class RecoverWorker:
         metrics: dict[str, Any] = {"images": len(samples), "seconds": round(time.time() - t0, 3),
                                    "device": self.device.type,
                                    "image_iterations": 0 if r.method == "random-real" else len(samples) * r.iterations}
+        if radius and r.dwa_rho > 0:
+            # Achieved ||delta|| / rho, mean over the unit's batches (official code: about 0.995).
+            metrics["dwa_radius_ratio"] = round(float(torch.cat(radius).mean()) / r.dwa_rho, 6)
         if finals and finals[0]:
             for k in finals[0]:
                 metrics[f"loss_{k}"] = float(np.mean([f[k] for f in finals]))
