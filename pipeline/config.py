@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +34,20 @@ def _op(default: Any, doc: str = "") -> Any:
     return field(default=default, metadata={"hash": False, "doc": doc})
 
 
+def _by_name(default: tuple[float, ...], doc: str = "") -> Any:
+    """A field left out of its own section's hash and hashed, by its dotted name, by the stages that use it.
+
+    Normalization is a property of the data that ingest does not use: changing it must re-run the teacher and
+    everything after it, never re-ingest.
+    """
+    return field(default_factory=lambda: list(default), metadata={"hash": "by-name", "doc": doc})
+
+
+# torchvision's ImageNet statistics: what torchvision's and SRe2L's ImageNet teachers expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 @dataclass
 class DataConfig:
     """Real data and ingest."""
@@ -44,6 +59,9 @@ class DataConfig:
     max_bad_fraction: float = 0.01  # unreadable images tolerated before ingest stops
     val_fraction: float = 0.2  # demo data only: share of each class held out for val
     shuffle_seed: int = 0  # order of samples across shards (independent of the run seed)
+    mean: list[float] = _by_name(IMAGENET_MEAN, "per-channel mean every model's input is normalized with (RGB, "
+                                 "[0, 1] scale); an imported teacher needs the values it was trained with")
+    std: list[float] = _by_name(IMAGENET_STD, "per-channel std of the input normalization (RGB, [0, 1] scale)")
     loader: str = _op("auto", "auto | pil | dali")
     num_workers: int = _op(2, "DataLoader worker processes per rank (PIL path)")
 
@@ -151,14 +169,21 @@ class Config:
         return dataclasses.asdict(self)
 
     def section_for_hash(self, name: str) -> dict[str, Any]:
-        """The hashed fields of one section (or {'seed': ...} for 'seed')."""
+        """The hashed fields of one section ({'seed': ...} for 'seed'; {key: value} for a dotted 'section.key').
+
+        A section's hash leaves out operational fields (`hash=False`) and fields hashed by name (`by-name`),
+        which the stages that use them list as 'section.key'.
+        """
         if name == "seed":
             return {"seed": self.seed}
+        if "." in name:
+            section, key = name.split(".", 1)
+            return {key: getattr(getattr(self, section), key)}
         sec = getattr(self, name)
         return {
             f.name: getattr(sec, f.name)
             for f in dataclasses.fields(sec)
-            if f.metadata.get("hash", True)
+            if f.metadata.get("hash", True) is True
         }
 
 
@@ -200,6 +225,11 @@ def _coerce(key: str, value: Any, expected: Any) -> Any:
         raise ConfigError(f"config key '{key}': expected {expected}, got {value!r} ({type(value).__name__})")
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r} ({type(value).__name__})")
+        (item,) = typing.get_args(expected)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if expected is type(None) and value is None:
         return None
     if isinstance(expected, type) and isinstance(value, expected) and not (
@@ -279,6 +309,12 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"config key '{dotted}' must be > 0, got {value}")
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise ConfigError(f"config key 'data.max_bad_fraction' must be in [0, 1], got {cfg.data.max_bad_fraction}")
+    for key in ("mean", "std"):
+        values = getattr(cfg.data, key)
+        if len(values) != 3 or not all(math.isfinite(v) for v in values):
+            raise ConfigError(f"config key 'data.{key}' must be 3 finite numbers (R, G, B), got {values}")
+    if not all(v > 0 for v in cfg.data.std):
+        raise ConfigError(f"config key 'data.std' must be > 0 in every channel, got {cfg.data.std}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {cfg.data.val_fraction}")
     if not 0.0 < cfg.recover.crop_scale_min <= 1.0 or not 0.0 < cfg.train.crop_scale_min <= 1.0:

@@ -149,7 +149,8 @@ def val_loader(args: dict[str, Any], rank: int, world: int, device: torch.device
 
     return make_loader(args["val_shards"], train=False, batch_size=args["eval_batch_size"],
                        resolution=args["resolution"], rank=rank, world_size=world, backend=args["loader"],
-                       num_workers=args["num_workers"], seed=args["seed"], device=device.type)
+                       num_workers=args["num_workers"], seed=args["seed"], device=device.type,
+                       mean=args["mean"], std=args["std"])
 
 
 # ---------------------------------------------------------------------------- teacher (squeeze)
@@ -187,7 +188,8 @@ def train_teacher(args: dict[str, Any]) -> dict[str, Any]:
     t0 = time.time()
     loader = make_loader(args["train_shards"], train=True, batch_size=per_rank, resolution=args["resolution"],
                          rank=rank, world_size=world, backend=args["loader"], num_workers=args["num_workers"],
-                         seed=args["seed"], epoch=start, num_samples=args["num_train"], device=device.type)
+                         seed=args["seed"], epoch=start, num_samples=args["num_train"], device=device.type,
+                         mean=args["mean"], std=args["std"])
     for epoch in range(start, epochs):
         net.train()
         loader.set_epoch(epoch)  # the epoch's seeds (and DALI shard order); the loader itself is built once

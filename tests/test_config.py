@@ -96,3 +96,20 @@ def test_status_reports_done_pending_and_changed(tmp_path, capsys):
     lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()[1:]}
     assert lines["ingest"].split()[1:4] == ["7", "0", "0"]  # 1437/300 -> 5 train + 360/300 -> 2 val shards
     assert main(["status", "--run-dir", str(tmp_path / "nope")]) == 2
+
+
+def test_normalization_is_per_data_set_and_hashed_from_the_teacher_on():
+    cifar = ["data.mean=[0.4914, 0.4822, 0.4465]", "data.std=[0.2023, 0.1994, 0.2010]"]
+    cfg = load_config("demo", overrides=cifar)
+    assert cfg.data.mean == [0.4914, 0.4822, 0.4465] and cfg.data.std == [0.2023, 0.1994, 0.2010]
+    default = load_config("demo")
+    assert default.data.mean == [0.485, 0.456, 0.406]  # ImageNet's, as torchvision's teachers expect
+    a, b = compute_hashes(default), compute_hashes(cfg)
+    assert a["ingest"] == b["ingest"]  # ingest stores raw images: a new normalization never re-ingests
+    assert all(a[s] != b[s] for s in ("squeeze", "recover", "relabel", "train", "evaluate"))
+    with pytest.raises(ConfigError, match=r"data\.std' must be > 0"):
+        load_config("demo", overrides=["data.std=[0.2, 0, 0.2]"])
+    with pytest.raises(ConfigError, match=r"data\.mean' must be 3 finite numbers"):
+        load_config("demo", overrides=["data.mean=[0.5, 0.5]"])
+    with pytest.raises(ConfigError, match=r"data\.mean\[1\]': expected float"):
+        load_config("demo", overrides=["data.mean=[0.5, x, 0.5]"])

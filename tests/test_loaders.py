@@ -85,6 +85,23 @@ def test_pil_eval_reads_every_sample_once(real_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("backend", ["pil", "dali"])
+def test_loader_normalizes_with_the_given_mean_and_std(real_dir: Path, backend: str) -> None:
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    val = shard_paths(real_dir, "val")
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)  # CIFAR-10's, as its official teachers
+    x0, y0 = collect(make_loader(val, train=False, batch_size=BATCH, resolution=32, backend=backend))
+    x1, y1 = collect(make_loader(val, train=False, batch_size=BATCH, resolution=32, backend=backend,
+                                 mean=mean, std=std))
+    assert torch.equal(y0, y1)
+    m0, s0 = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    m1, s1 = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    # Same pixels, other normalization: x1 = (x0 * s0 + m0 - m1) / s1.
+    assert torch.allclose(x1, (x0 * s0 + m0 - m1) / s1, atol=1e-4)
+    assert not torch.allclose(x0, x1)
+
+
+@pytest.mark.parametrize("backend", ["pil", "dali"])
 def test_eval_two_ranks_partition_the_samples(real_dir: Path, backend: str) -> None:
     if backend == "dali":
         pytest.importorskip("nvidia.dali")

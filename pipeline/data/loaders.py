@@ -1,8 +1,8 @@
 """Batched readers of the real WebDataset shards: a PIL + DataLoader path and a DALI path.
 
 Both backends keep one contract. A loader is an iterable over batches
-``(images, labels)``: ``images`` float32 ``[B, 3, R, R]`` normalized with the ImageNet
-mean/std, ``labels`` int64 ``[B]``; ``len(loader)`` is the number of batches one epoch
+``(images, labels)``: ``images`` float32 ``[B, 3, R, R]`` normalized with the loader's
+mean/std (``data.mean`` / ``data.std``, ImageNet's by default), ``labels`` int64 ``[B]``; ``len(loader)`` is the number of batches one epoch
 yields on this rank, and it is the same on every rank, so DDP never waits on a rank that
 ran out of data. Every batch is full (``B`` rows).
 
@@ -157,6 +157,8 @@ def make_loader(
     num_samples: int | None = None,
     device: str = "cpu",
     shuffle_buffer: int = 1000,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> PilLoader | DaliLoader:
     """A loader over `shards` with the contract of this module's docstring.
 
@@ -165,7 +167,8 @@ def make_loader(
     DALI CPU threads. num_samples: total training samples, required when `train`; ignored for
     evaluation, which counts the samples from the shard indexes. device: where the batches
     land ("cpu", "cuda", "cuda:N"); DALI decodes with the "mixed" (GPU) decoder on CUDA.
-    shuffle_buffer: samples held for shuffling (train). Call `set_epoch` to reuse a loader.
+    shuffle_buffer: samples held for shuffling (train). mean, std: per-channel normalization on the
+    [0, 1] scale (`data.mean` / `data.std`; ImageNet's by default). Call `set_epoch` to reuse a loader.
     """
     if backend not in ("auto", "pil", "dali"):
         raise ValueError(f"backend must be auto, pil or dali, not {backend!r}")
@@ -174,7 +177,7 @@ def make_loader(
     cls: type[PilLoader] | type[DaliLoader] = DaliLoader if backend == "dali" else PilLoader
     return cls(shards, train=train, batch_size=batch_size, resolution=resolution, rank=rank,
                world_size=world_size, num_workers=num_workers, seed=seed, epoch=epoch,
-               num_samples=num_samples, device=device, shuffle_buffer=shuffle_buffer)
+               num_samples=num_samples, device=device, shuffle_buffer=shuffle_buffer, mean=mean, std=std)
 
 
 # ----------------------------------------------------------------------------- common base
@@ -200,6 +203,8 @@ class _Loader:
         num_samples: int | None = None,
         device: str = "cpu",
         shuffle_buffer: int = 1000,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         self.shards = [Path(s) for s in shards]
         if not self.shards:
@@ -236,8 +241,9 @@ class _Loader:
             if self.num_samples == 0:
                 raise ValueError("the shards hold no samples")
             self.num_batches = eval_batches(self.num_samples, batch_size, world_size)
-        self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
-        self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
+        self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
+        self._mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1) * 255
+        self._std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1) * 255
 
     def __len__(self) -> int:
         return self.num_batches
@@ -581,7 +587,7 @@ class DaliLoader(_Loader):
                 mirror = fn.random.coin_flip(probability=0.5)
             images = fn.crop_mirror_normalize(
                 images, dtype=types.FLOAT, output_layout="CHW", crop=(r, r), mirror=mirror,
-                mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD], **crop_pos,
+                mean=[m * 255 for m in self.mean], std=[s * 255 for s in self.std], **crop_pos,
             )
             pipe.set_outputs(images, cls)
         pipe.build()

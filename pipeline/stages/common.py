@@ -32,7 +32,7 @@ def data_args(ctx: RunContext) -> dict[str, Any]:
         "num_classes": meta["num_classes"], "resolution": cfg.data.resolution, "seed": cfg.seed,
         "train_shards": real_shards(ctx, "train"), "val_shards": real_shards(ctx, "val"),
         "num_train": meta["counts"]["train"], "loader": cfg.data.loader, "num_workers": cfg.data.num_workers,
-        "eval_batch_size": cfg.eval.batch_size,
+        "eval_batch_size": cfg.eval.batch_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
     }
 
 

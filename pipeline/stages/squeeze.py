@@ -13,7 +13,7 @@ from pipeline.stages.common import TEACHER, data_args, launch
 class SqueezeStage(Stage):
     name = "squeeze"
     depends_on = ("ingest",)
-    sections = ("seed", "squeeze")
+    sections = ("seed", "squeeze", "data.mean", "data.std")  # every later stage inherits these
 
     def validate(self, ctx: RunContext) -> None:
         w = ctx.config.squeeze.weights
