@@ -1,79 +1,338 @@
-"""Model construction (teachers and students) and checked state-dict loading."""
+"""Model construction (teachers and students) and checked state-dict loading.
+
+Two kinds of architecture names are accepted by `build_model`:
+
+* the project's own small-image networks (`OWN_ARCHS`): the ConvNet-3 variants of the dataset-condensation
+  literature (`convnet`, `convnet-in`, `convnet-nn`), `lenet` and `mlp`;
+* every torchvision classification model name (`torchvision.models.list_models(module=torchvision.models)`,
+  e.g. `resnet18`, `mobilenet_v3_small`, `vit_b_16`), built untrained with `weights=None`.
+
+`available_archs()` lists them all; `check_arch(name)` validates a name without building anything.
+"""
 
 from __future__ import annotations
 
+import difflib
+import functools
+import re
+import warnings
 from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from torchvision import models as tv_models
 
-ARCHS = ("convnet", "resnet18", "resnet50", "resnet101")
+# The project's own architectures (not in torchvision).
+OWN_ARCHS: tuple[str, ...] = ("convnet", "convnet-in", "convnet-nn", "lenet", "mlp")
 
-_RESNETS = {
-    "resnet18": tv_models.resnet18,
-    "resnet50": tv_models.resnet50,
-    "resnet101": tv_models.resnet101,
-}
+# Kept for callers that still test `name in ARCHS` (pipeline/config.py does): the own names plus the ResNets
+# that were the only torchvision models accepted before, so recipes using them keep validating. It is not the
+# full list of accepted names: use `check_arch` / `available_archs` for that.
+ARCHS: tuple[str, ...] = (*OWN_ARCHS, "resnet18", "resnet50", "resnet101")
+
+Norm = Literal["batch", "instance", "none"]
+_CONVNET_NORMS: dict[str, Norm] = {"convnet": "batch", "convnet-in": "instance", "convnet-nn": "none"}
 
 # Resolutions at or below this use the small-image ResNet stem (3x3 stride-1 conv1, no max-pool).
 SMALL_IMAGE_MAX_RESOLUTION = 64
 
+# Resolutions tried when a torchvision model cannot run at the requested one, to say in the error what works.
+_TRIAL_RESOLUTIONS = (16, 28, 32, 64, 96, 112, 128, 160, 192, 224, 256, 299, 384, 448, 512)
 
 class ConvNet(nn.Module):
-    """The 3-block ConvNet of the dataset-condensation literature, with BatchNorm.
+    """The ConvNet of the dataset-condensation literature (default depth 3, width 128).
 
-    Each block is Conv2d(3x3, `width`, padding 1) -> BatchNorm2d -> ReLU -> AvgPool2d(2); the features are
-    flattened and fed to one Linear layer.
+    Each of the `depth` blocks is Conv2d(3x3, `width`, padding 1) -> norm -> ReLU -> AvgPool2d(2); the features
+    are flattened and fed to one Linear layer. `norm` is "batch" (`nn.BatchNorm2d`), "instance" (the official
+    'instancenorm': `nn.GroupNorm(width, width, affine=True)`, one group per channel) or "none" (the norm layer
+    is left out, so later layer indices shift).
+
+    From DC (Zhao et al., "Dataset Condensation with Gradient Matching", ICLR 2021), networks.py `ConvNet` of
+    https://github.com/VICO-UoE/DatasetCondensation, itself after Gidaris & Komodakis (CVPR 2018). Note the
+    names: the official 'ConvNet' (the default of DC, DSA, DM and MTT evaluations) is instance-normed, i.e.
+    our `convnet-in`; our `convnet` is the official 'ConvNetBN' and `convnet-nn` is 'ConvNetNN'.
+
+    With norm="batch", width 128, depth 3 the module layout (state-dict keys `features.{0,1,4,5,8,9}.*`,
+    `classifier.*`) and the order in which parameters draw from the RNG are those of the BN-only ConvNet this
+    project had before, so its checkpoints still load and a seed still gives the same initial weights.
     """
 
-    def __init__(self, num_classes: int, resolution: int, width: int = 128, depth: int = 3) -> None:
+    def __init__(self, num_classes: int, resolution: int, width: int = 128, depth: int = 3,
+                 norm: Norm = "batch") -> None:
         super().__init__()
+        if norm not in ("batch", "instance", "none"):
+            raise ValueError(f"ConvNet norm must be 'batch', 'instance' or 'none', got {norm!r}")
+        if width < 1 or depth < 1:
+            raise ValueError(f"ConvNet width and depth must be >= 1, got width={width}, depth={depth}")
         if resolution < 2**depth:
-            raise ValueError(f"convnet needs resolution >= {2**depth}, got {resolution}")
+            raise ValueError(f"convnet of depth {depth} needs resolution >= {2**depth}, got {resolution}")
         layers: list[nn.Module] = []
         in_ch = 3
         for _ in range(depth):
-            layers += [
-                nn.Conv2d(in_ch, width, kernel_size=3, padding=1),
-                nn.BatchNorm2d(width),
-                nn.ReLU(inplace=True),
-                nn.AvgPool2d(2),
-            ]
+            layers.append(nn.Conv2d(in_ch, width, kernel_size=3, padding=1))
+            if norm == "batch":
+                layers.append(nn.BatchNorm2d(width))
+            elif norm == "instance":
+                # GroupNorm with one group per channel normalises each (sample, channel) over H x W, which is
+                # instance norm; the official code uses it instead of nn.InstanceNorm2d to get an affine
+                # per-channel scale and shift without running statistics.
+                layers.append(nn.GroupNorm(width, width, affine=True))
+            layers += [nn.ReLU(inplace=True), nn.AvgPool2d(2)]
             in_ch = width
         self.features = nn.Sequential(*layers)
         side = resolution // 2**depth
         self.classifier = nn.Linear(width * side * side, num_classes)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Flattened features [N, width * side * side] before the classifier (what distribution matching uses)."""
+        return torch.flatten(self.features(x), 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [N, num_classes] for images [N, 3, H, W]."""
-        return self.classifier(torch.flatten(self.features(x), 1))
+        return self.classifier(self.embed(x))
+
+
+class LeNet(nn.Module):
+    """LeNet-5 style network for small RGB images, for cross-architecture checks.
+
+    Conv2d(3, 6, 5x5) -> ReLU -> MaxPool2d(2) -> Conv2d(6, 16, 5x5) -> ReLU -> MaxPool2d(2) -> flatten ->
+    Linear(16 * s * s, 120) -> ReLU -> Linear(120, 84) -> ReLU -> Linear(84, num_classes), with no padding and
+    s = ((resolution - 4) // 2 - 4) // 2 (5 at 32 px, 1 at 16 px), so any resolution >= 16 works.
+
+    After LeCun et al., "Gradient-based learning applied to document recognition", Proc. IEEE 1998, in the
+    form of the `LeNet` of DC's networks.py (3-channel branch; Zhao et al., ICLR 2021,
+    https://github.com/VICO-UoE/DatasetCondensation), whose flattened size is fixed to 32 px inputs and is
+    computed from `resolution` here. Module names (`features`, `fc_1`..`fc_3`) are the official ones.
+    """
+
+    MIN_RESOLUTION = 16  # 16 -> conv 12 -> pool 6 -> conv 2 -> pool 1; at 15 the last map is empty
+
+    def __init__(self, num_classes: int, resolution: int) -> None:
+        super().__init__()
+        if resolution < self.MIN_RESOLUTION:
+            raise ValueError(f"lenet needs resolution >= {self.MIN_RESOLUTION}, got {resolution}")
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, kernel_size=5),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=2, stride=2),
+            nn.Conv2d(6, 16, kernel_size=5),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=2, stride=2),
+        )
+        side = ((resolution - 4) // 2 - 4) // 2
+        self.fc_1 = nn.Linear(16 * side * side, 120)
+        self.fc_2 = nn.Linear(120, 84)
+        self.fc_3 = nn.Linear(84, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The 84 features fed to the last Linear layer."""
+        x = torch.flatten(self.features(x), 1)
+        return torch.relu(self.fc_2(torch.relu(self.fc_1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [N, num_classes] for images [N, 3, H, W]."""
+        return self.fc_3(self.embed(x))
+
+
+class MLP(nn.Module):
+    """Three-layer perceptron on the flattened image, for cross-architecture checks on small images.
+
+    flatten -> Linear(3 * resolution**2, 128) -> ReLU -> Linear(128, 128) -> ReLU -> Linear(128, num_classes):
+    two hidden layers of exactly 128 units (3072 inputs at 32 px).
+
+    The `MLP` of DC's networks.py (Zhao et al., ICLR 2021, https://github.com/VICO-UoE/DatasetCondensation),
+    with the input size computed from `resolution` instead of fixed to 32 px; module names are the official ones.
+    """
+
+    HIDDEN = 128
+
+    def __init__(self, num_classes: int, resolution: int) -> None:
+        super().__init__()
+        self.fc_1 = nn.Linear(3 * resolution * resolution, self.HIDDEN)
+        self.fc_2 = nn.Linear(self.HIDDEN, self.HIDDEN)
+        self.fc_3 = nn.Linear(self.HIDDEN, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The 128 features fed to the last Linear layer."""
+        return torch.relu(self.fc_2(torch.relu(self.fc_1(torch.flatten(x, 1)))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [N, num_classes] for images [N, 3, H, W]."""
+        return self.fc_3(self.embed(x))
+
+
+@functools.cache
+def _torchvision_archs() -> frozenset[str]:
+    # module=tv_models keeps only the classification models: detection, segmentation, video, optical-flow and
+    # quantized builders live in sub-modules and do not fit the (images -> logits) contract of the pipeline.
+    return frozenset(tv_models.list_models(module=tv_models))
+
+
+def available_archs() -> list[str]:
+    """Every accepted architecture name, sorted: `OWN_ARCHS` plus torchvision's classification models."""
+    return sorted({*OWN_ARCHS, *_torchvision_archs()})
+
+
+def check_arch(name: str) -> None:
+    """Raise ValueError if `name` is not an accepted architecture; builds nothing (cheap enough for config checks).
+
+    The message suggests the closest names (difflib) and says how to list them all.
+    """
+    if name in OWN_ARCHS or name in _torchvision_archs():
+        return
+    names = available_archs()
+    # Compare lower-cased so that e.g. 'ResNet18' still suggests 'resnet18'.
+    close = difflib.get_close_matches(str(name).lower(), names, n=3, cutoff=0.6)
+    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+    raise ValueError(
+        f"unknown architecture {name!r}{hint}; accepted: the project's own {', '.join(OWN_ARCHS)} and any "
+        "torchvision classification model (see pipeline.models.available_archs() or "
+        "torchvision.models.list_models(module=torchvision.models))")
 
 
 def build_model(arch: str, num_classes: int, resolution: int) -> nn.Module:
-    """Build an untrained model.
+    """Build an untrained model for `resolution` x `resolution` RGB images.
 
-    `arch` is one of `ARCHS`. ResNets are torchvision's (`weights=None`); when `resolution <= 64` they use the
-    small-image stem (conv1 3x3 stride 1 padding 1 without bias, max-pool replaced by `nn.Identity`).
+    `arch` is one of `OWN_ARCHS` or a torchvision classification model name (`available_archs()`); anything
+    else raises the ValueError of `check_arch`. torchvision models are built with `weights=None` and:
+
+    * ResNet family (`torchvision.models.ResNet`: resnet*, resnext*, wide_resnet*): when
+      `resolution <= SMALL_IMAGE_MAX_RESOLUTION` (64) they use the small-image (CIFAR) stem: conv1 becomes a
+      3x3 stride-1 padding-1 conv without bias and the max-pool an `nn.Identity`, so a 32 px image is not
+      downsampled 4x before the first block. No other family is changed: at small resolutions they keep their
+      ImageNet stems and downsample to a few pixels (most still run, see below).
+    * ViT (vit_*): built with `image_size=resolution`, which must be a multiple of the patch size; MaxViT with
+      `input_size=(resolution, resolution)`.
+    * inception_v3 and googlenet: built with `aux_logits=False` (training uses plain cross-entropy on one
+      logits tensor; with auxiliary heads they return a tuple in train mode) and `init_weights=True` (their
+      current from-scratch init, stated to silence torchvision's FutureWarning).
+
+    Every torchvision model then gets a shape-only forward on the meta device (no compute, no memory), so a
+    model that cannot run at `resolution` (e.g. inception_v3 or squeezenet at 16 px) raises a ValueError here
+    naming the model, the resolution and resolutions that work, instead of failing deep inside a forward.
     """
+    check_arch(arch)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if resolution < 1:
         raise ValueError(f"resolution must be >= 1, got {resolution}")
-    if arch == "convnet":
-        return ConvNet(num_classes, resolution)
-    if arch in _RESNETS:
-        model = _RESNETS[arch](weights=None, num_classes=num_classes)
-        if resolution <= SMALL_IMAGE_MAX_RESOLUTION:
-            model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-            nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
-            model.maxpool = nn.Identity()
-        return model
-    raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(ARCHS)}")
+    if arch in _CONVNET_NORMS:
+        return ConvNet(num_classes, resolution, norm=_CONVNET_NORMS[arch])
+    if arch == "lenet":
+        return LeNet(num_classes, resolution)
+    if arch == "mlp":
+        return MLP(num_classes, resolution)
+    return _build_torchvision(arch, num_classes, resolution)
+
+
+def _vit_patch_size(arch: str) -> int | None:
+    # torchvision's ViT builders are named vit_<size>_<patch> (vit_b_16, vit_h_14, ...).
+    match = re.fullmatch(r"vit_[a-z]+_(\d+)", arch)
+    return int(match.group(1)) if match else None
+
+
+def _torchvision_kwargs(arch: str, resolution: int) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if _vit_patch_size(arch) is not None:
+        kwargs["image_size"] = resolution  # the position embedding is sized for exactly this input
+    elif arch.startswith("maxvit"):
+        kwargs["input_size"] = (resolution, resolution)
+    elif arch in ("inception_v3", "googlenet"):
+        kwargs.update(aux_logits=False, init_weights=True)
+    return kwargs
+
+
+def _construct(arch: str, num_classes: int, resolution: int) -> nn.Module:
+    kwargs = _torchvision_kwargs(arch, resolution)
+    model = tv_models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+    if isinstance(model, tv_models.ResNet) and resolution <= SMALL_IMAGE_MAX_RESOLUTION:
+        # Same operations in the same order as before torchvision names were generalised, so a seed gives the
+        # same initial weights for resnet18/50/101 as older runs; the init is torchvision's own for conv layers.
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+        model.maxpool = nn.Identity()
+    return model
+
+
+def _meta_forward(model: nn.Module, num_classes: int, resolution: int) -> None:
+    """Run `model` on a meta-device image batch of one, with meta stand-ins for its parameters and buffers.
+
+    Meta tensors carry shapes only, so this checks that every layer accepts the sizes it gets, at no compute
+    or memory cost and without touching the real weights. Eval mode: BatchNorm in train mode refuses a batch
+    of one at 1x1 spatial size, which a real (larger) training batch would not hit.
+    """
+    state = {k: torch.empty_like(v, device="meta") for k, v in (*model.named_parameters(), *model.named_buffers())}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = functional_call(model, state, (torch.empty(1, 3, resolution, resolution, device="meta"),))
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RuntimeError(f"expected logits of shape (1, {num_classes}), got {shape}")
+
+
+def _runs_at(arch: str, resolution: int) -> bool:
+    """Whether `arch` builds and runs at `resolution`, checked on the meta device (no weights allocated)."""
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            model = _construct(arch, 2, resolution)
+        _meta_forward(model, 2, resolution)
+    except Exception:  # any failure means "does not run there"; this only feeds an error message
+        return False
+    return True
+
+
+def _resolution_error(arch: str, resolution: int, cause: BaseException) -> ValueError:
+    patch = _vit_patch_size(arch)
+    if patch is not None:
+        lower, upper = max(patch, resolution // patch * patch), (resolution // patch + 1) * patch
+        works = f"it needs a multiple of its patch size {patch} (e.g. {lower} or {upper})"
+    else:
+        # fork_rng: the trial builds must not move the global RNG, or the caller's seeding would depend on them.
+        with torch.random.fork_rng(devices=[]):
+            ok = [r for r in _TRIAL_RESOLUTIONS if r != resolution and _runs_at(arch, r)]
+        if ok:
+            works = f"it runs at {', '.join(map(str, ok[:6]))}{' and more' if len(ok) > 6 else ''}"
+        else:
+            works = f"it ran at none of {', '.join(map(str, _TRIAL_RESOLUTIONS))}"
+    reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return ValueError(f"architecture {arch!r} cannot run on {resolution}x{resolution} images ({reason}); {works}. "
+                      "Choose another data.resolution or architecture (convnet, convnet-in, lenet, mlp and the "
+                      "ResNets run at small resolutions)")
+
+
+def _build_torchvision(arch: str, num_classes: int, resolution: int) -> nn.Module:
+    patch = _vit_patch_size(arch)
+    if patch is not None and resolution % patch:
+        # Checked before building: torchvision would only raise an AssertionError from inside the constructor.
+        raise _resolution_error(arch, resolution, ValueError(f"{resolution} is not a multiple of {patch}"))
+    try:
+        model = _construct(arch, num_classes, resolution)
+    except (ValueError, AssertionError, RuntimeError) as exc:  # size checks in constructors (e.g. MaxViT)
+        raise _resolution_error(arch, resolution, exc) from exc
+    try:
+        with torch.random.fork_rng(devices=[]):
+            _meta_forward(model, num_classes, resolution)
+    except NotImplementedError:
+        pass  # an op without a meta kernel: the check is inconclusive, so do not refuse a model that may work
+    except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
+        raise _resolution_error(arch, resolution, exc) from exc
+    return model
 
 
 def has_batchnorm(model: nn.Module) -> bool:
-    """True if `model` contains at least one `nn.BatchNorm2d` (what the recover BN loss hooks)."""
+    """True if `model` contains at least one `nn.BatchNorm2d` (what the recover BN loss hooks).
+
+    Subclasses count, so torchvision models whose norm layers are BatchNorm2d (ResNets, MobileNets,
+    EfficientNets, DenseNets, RegNets, VGG *_bn, ...) are detected; GroupNorm (`convnet-in`), LayerNorm (ViT,
+    Swin, ConvNeXt) and models without norm (`convnet-nn`, `lenet`, `mlp`) are not.
+    """
     return any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
