@@ -50,7 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="per stage: units done / failed / pending and config hash state")
     s.add_argument("--run-dir", required=True)
 
-    sub.add_parser("recipes", help="list the named recipes")
+    rp = sub.add_parser("recipes", help="list the named recipes, or show one with its differences from the "
+                        "official code")
+    rp.add_argument("name", nargs="?", help="a recipe name: print its description and every setting that differs "
+                    "from the official code")
 
     c = sub.add_parser("collect", help="results table from the manifests of one or many runs")
     c.add_argument("runs", nargs="+", help="run directories or glob patterns")
@@ -93,9 +96,20 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_recipes(_: argparse.Namespace) -> int:
-    from pipeline.recipes import describe_recipes
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    import inspect
+    import textwrap
 
+    from pipeline.recipes import RECIPES, describe_recipes, recipe_differences
+
+    if args.name:
+        diffs = recipe_differences(args.name)
+        print(inspect.cleandoc(RECIPES[args.name].__doc__ or "").split("\n\nDifferences")[0])
+        if diffs:
+            print("\nDifferences from the official code:")
+            for item in diffs:
+                print(textwrap.fill(item, 100, initial_indent="  - ", subsequent_indent="    "))
+        return 0
     for name, doc in describe_recipes():
         print(f"{name:<34} {doc}")
     return 0

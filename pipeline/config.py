@@ -74,9 +74,10 @@ class SqueezeConfig:
     weights: str = ""  # "" = train; else a state_dict file or a torchvision weights name
     epochs: int = 10
     batch_size: int = 64
-    optimizer: str = "sgd"  # sgd | adamw
+    optimizer: str = "sgd"  # sgd (momentum 0.9, as the official scripts) | sgd-nesterov | adamw
     lr: float = 0.05
-    weight_decay: float = 5e-4
+    weight_decay: float = 5e-4  # on every parameter, as the official teacher scripts
+    warmup_epochs: int = 0  # linear warm-up from 0.01x before the per-epoch cosine (official Tiny-ImageNet: 5)
     amp: bool = True  # bf16 autocast on GPU; ignored on CPU
     workers: int = _op(0, "DDP workers: 0 = one per GPU (1 without GPUs); CPU workers use gloo")
 
@@ -92,7 +93,9 @@ class RecoverConfig:
     r_bn: float = 0.01
     r_var: float = 2.0
     first_bn_multiplier: float = 10.0
-    jitter: int = 4
+    jitter: int = 4  # roll by randint(0, jitter) px per axis, one draw per iteration (official: 32 at 224 px, 4 below)
+    crop: bool = True  # random-resized crop each iteration (official CIFAR recover: none, roll only)
+    flip: bool = True  # random horizontal flip each iteration (official CIFAR recover: none)
     crop_scale_min: float = 0.08
     init: str = "auto"  # auto (dwa: real, sre2l: noise) | real | noise
     dwa_steps: int = 12
@@ -124,9 +127,13 @@ class TrainConfig:
     arch: str = "convnet"
     epochs: int = 300
     batch_size: int = 128
+    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9) | sgd-nesterov
     lr: float = 1e-3
     weight_decay: float = 0.01
+    decay_1d: bool = False  # weight decay on 1-D tensors too (official Tiny/CIFAR code); False = SRe2L ImageNet
+    warmup_epochs: int = 0  # linear warm-up from 0.01x before the per-epoch cosine (official Tiny-ImageNet: 5)
     temperature: float = 20.0
+    loss_t2: bool = False  # multiply the KD loss by T^2 (official Tiny-ImageNet code); False = ImageNet/CIFAR
     mix: str = "cutmix"  # cutmix | mixup | none
     mix_alpha: float = 1.0
     crop_scale_min: float = 0.08
@@ -192,7 +199,8 @@ SECTIONS: dict[str, type] = {f.name: _HINTS[f.name] for f in dataclasses.fields(
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "data.loader": ("auto", "pil", "dali"),
-    "squeeze.optimizer": ("sgd", "adamw"),
+    "squeeze.optimizer": ("sgd", "sgd-nesterov", "adamw"),
+    "train.optimizer": ("adamw", "sgd", "sgd-nesterov"),
     "recover.method": ("sre2l", "dwa", "random-real"),
     "recover.init": ("auto", "real", "noise"),
     "recover.amp": ("bf16", "none"),
@@ -320,19 +328,25 @@ def validate(cfg: Config) -> Config:
     if not 0.0 < cfg.recover.crop_scale_min <= 1.0 or not 0.0 < cfg.train.crop_scale_min <= 1.0:
         raise ConfigError("config keys '*.crop_scale_min' must be in (0, 1]")
     for sec in ("squeeze", "train"):
+        sc = getattr(cfg, sec)
+        if not 0 <= sc.warmup_epochs < sc.epochs:
+            raise ConfigError(f"config key '{sec}.warmup_epochs' must be in [0, {sec}.epochs) = [0, {sc.epochs}), "
+                              f"got {sc.warmup_epochs}")
         bs, workers = getattr(cfg, sec).batch_size, getattr(cfg, sec).workers
         if workers < 0:
             raise ConfigError(f"config key '{sec}.workers' must be >= 0 (0 = one per GPU), got {workers}")
         if workers and bs % workers:
             raise ConfigError(f"config key '{sec}.batch_size' ({bs}) must be a multiple of '{sec}.workers' ({workers}): "
                               "it is the global batch, split evenly over the DDP ranks")
-    from pipeline.models import ARCHS  # local import: models pulls in torch
+    from pipeline.models import check_arch  # local import: models pulls in torch
 
     for dotted in ("squeeze.arch", "train.arch"):
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
-        if value not in ARCHS:
-            raise ConfigError(f"config key '{dotted}': unknown architecture '{value}'{_closest(value, list(ARCHS))}")
+        try:
+            check_arch(value)
+        except ValueError as exc:
+            raise ConfigError(f"config key '{dotted}': {exc}") from None
     return cfg
 
 

@@ -36,6 +36,7 @@ class RecoverParams:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     jitter: int = 32
     flip: bool = True
+    crop: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
@@ -52,8 +53,8 @@ class RecoverParams:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale!r}")
         if isinstance(self.jitter, bool) or not isinstance(self.jitter, int) or self.jitter < 0:
             raise ValueError(f"jitter must be an int >= 0 (pixels), got {self.jitter!r}")
-        if not isinstance(self.flip, bool):
-            raise ValueError(f"flip must be a bool, got {self.flip!r}")
+        if not isinstance(self.flip, bool) or not isinstance(self.crop, bool):
+            raise ValueError(f"flip and crop must be bools, got {self.flip!r}, {self.crop!r}")
 
 
 @dataclass(frozen=True)
@@ -254,8 +255,11 @@ def augment_batch(
     crop_scale: tuple[float, float] = (0.08, 1.0),
     jitter: int = 32,
     flip: bool = True,
+    crop: bool = True,
 ) -> Tensor:
     """Random-resized crop + horizontal flip + roll, one random draw shared by the whole batch.
+
+    `crop` False skips the crop (and draws nothing for it): the official CIFAR recover only rolls.
 
     The crop (scale in `crop_scale`, aspect ratio in [3/4, 4/3]) is resized to `out_size` bilinearly, so
     the result is differentiable w.r.t. `x`; the flip has probability 0.5 (if `flip`); the roll shifts by
@@ -269,7 +273,8 @@ def augment_batch(
         raise ValueError(f"expected images [N, C, H, W], got shape {tuple(x.shape)}")
     size = (out_size, out_size) if isinstance(out_size, int) else (int(out_size[0]), int(out_size[1]))
     height, width = x.shape[-2], x.shape[-1]
-    top, left, h, w = _crop_params(gen, height, width, crop_scale, (3.0 / 4.0, 4.0 / 3.0))
+    top, left, h, w = (_crop_params(gen, height, width, crop_scale, (3.0 / 4.0, 4.0 / 3.0)) if crop
+                       else (0, 0, height, width))
     out = x[:, :, top : top + h, left : left + w]
     if (h, w) != size:
         out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
@@ -431,7 +436,7 @@ def synthesize_batch(
                 lr = cosine_lr(params.lr, it, iters)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                xa = augment_batch(x, gen, out_size, params.crop_scale, params.jitter, params.flip)
+                xa = augment_batch(x, gen, out_size, params.crop_scale, params.jitter, params.flip, params.crop)
                 with torch.autocast(
                     device_type=device.type,
                     dtype=autocast_dtype or torch.bfloat16,

@@ -10,7 +10,6 @@ when their config hash matches.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -170,15 +169,13 @@ def train_teacher(args: dict[str, Any]) -> dict[str, Any]:
     device = ddp.device_for_rank()
     torch.manual_seed(derive_seed(args["seed"], "squeeze", "init"))
     model = build_model(args["arch"], args["num_classes"], args["resolution"]).to(device)
-    if args["optimizer"] == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=args["lr"], momentum=0.9, nesterov=True,
-                              weight_decay=args["weight_decay"])
-    else:
-        from pipeline.optim import make_optimizer
+    from pipeline.optim import cosine_schedule, make_optimizer
 
-        opt = make_optimizer(model, lr=args["lr"], weight_decay=args["weight_decay"])
+    # The official teacher scripts decay every parameter (SRe2L/DWA CIFAR squeeze, the Tiny-ImageNet trainer).
+    opt = make_optimizer(model, lr=args["lr"], weight_decay=args["weight_decay"], name=args["optimizer"],
+                         decay_1d=True)
     epochs = args["epochs"]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 * (1 + math.cos(math.pi * e / epochs)))
+    sched = cosine_schedule(opt, epochs, warmup_epochs=args["warmup_epochs"])
     ckpt_path = Path(args["checkpoint"])
     ckpt = resume(ckpt_path, args["config_hash"], model, opt, sched, "squeeze")
     resumed_from = int(ckpt["epoch"]) + 1 if ckpt else None

@@ -113,3 +113,32 @@ def test_normalization_is_per_data_set_and_hashed_from_the_teacher_on():
         load_config("demo", overrides=["data.mean=[0.5, 0.5]"])
     with pytest.raises(ConfigError, match=r"data\.mean\[1\]': expected float"):
         load_config("demo", overrides=["data.mean=[0.5, x, 0.5]"])
+
+
+def test_every_recipe_loads_and_official_ones_name_their_differences(capsys):
+    from pipeline.recipes import RECIPES, recipe_differences
+
+    for name in RECIPES:
+        cfg = load_config(name)
+        if name != "demo":
+            assert recipe_differences(name), name
+        if name.startswith("cifar"):
+            assert not cfg.recover.crop and not cfg.recover.flip  # the official CIFAR recover only rolls
+            assert cfg.squeeze.epochs == 200 and cfg.train.epochs == 400 and cfg.train.temperature == 30.0
+        if name.startswith("tiny"):
+            assert cfg.data.mean == [0.4802, 0.4481, 0.3975] and cfg.train.loss_t2
+    assert load_config("tiny-imagenet-rn18-ipc50-sre2l").recover.r_bn == 1.0  # SRe2L's Tiny recover script
+    assert load_config("tiny-imagenet-rn18-ipc50-dwa").recover.classes_per_shard == 200
+    assert load_config("cifar100-rn18-ipc10-dwa").data.mean == [0.5071, 0.4867, 0.4408]
+    assert load_config("cifar100-rn18-ipc10-sre2l").data.mean == [0.4914, 0.4822, 0.4465]  # SRe2L's own choice
+    assert main(["recipes", "cifar10-rn18-ipc10-dwa"]) == 0
+    out = capsys.readouterr().out
+    assert "Differences from the official code:" in out and "CIFAR-10" in out
+    assert main(["recipes", "cifar10-rn18-ipc10-dwaa"]) == 2
+
+
+def test_any_torchvision_model_name_is_accepted_and_a_typo_is_named():
+    cfg = load_config("demo", overrides=["train.arch=mobilenet_v3_small", "squeeze.arch=convnet-in"])
+    assert cfg.train.arch == "mobilenet_v3_small"
+    with pytest.raises(ConfigError, match=r"train\.arch.*resnet81.*resnet18"):
+        load_config("demo", overrides=["train.arch=resnet81"])

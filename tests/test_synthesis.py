@@ -380,7 +380,7 @@ def test_synthesize_autocast_bf16_runs(teacher: nn.Module) -> None:
 
 
 def test_synthesize_matches_reference_loop(teacher: nn.Module) -> None:
-    """A plain re-statement of the algorithm (DESIGN section 2) gives the same images and losses."""
+    """A plain re-statement of SRe2L's recover loop (CE + BN-statistics loss, Adam, cosine lr, clamp) agrees."""
     targets = torch.arange(NUM_CLASSES)
     init = init_images("noise", NUM_CLASSES, RES, _gen(8)) * 1.5  # many pixels start outside the image range
     params = RecoverParams(iterations=6, lr=0.5, jitter=3, r_var=2.0, first_bn_multiplier=7.0)
@@ -422,3 +422,10 @@ def test_synthesize_matches_reference_loop(teacher: nn.Module) -> None:
     ref = denormalize(x.detach()).clamp(0, 1)
     assert torch.allclose(losses["total"], torch.stack(totals), rtol=1e-4, atol=1e-5)
     assert torch.allclose(images, ref, atol=1e-4)
+
+
+def test_augment_without_crop_is_a_pure_roll_as_the_official_cifar_recover() -> None:
+    x = torch.randn(2, 3, 8, 8)
+    for seed in range(10):
+        out = augment_batch(x, _gen(seed), 8, (0.08, 1.0), 2, flip=False, crop=False)
+        assert any(torch.equal(out, torch.roll(x, (dy, dx), (2, 3))) for dy in range(3) for dx in range(3))

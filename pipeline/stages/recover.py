@@ -178,7 +178,7 @@ class RecoverWorker:
         t0 = time.time()
         params = RecoverParams(iterations=r.iterations, lr=r.lr, r_bn=r.r_bn, r_var=r.r_var,
                                first_bn_multiplier=r.first_bn_multiplier, crop_scale=(r.crop_scale_min, 1.0),
-                               jitter=r.jitter)
+                               jitter=r.jitter, crop=r.crop, flip=r.flip)
         amp = torch.bfloat16 if (r.amp == "bf16" and self.device.type == "cuda") else None
         init_kind = resolved_init(r.method, r.init)
         samples: list[Sample] = []

@@ -32,7 +32,7 @@ def teacher_args(ctx: RunContext) -> dict[str, Any]:
     sq = ctx.config.squeeze
     return {
         **data_args(ctx), "arch": sq.arch, "epochs": sq.epochs, "batch_size": sq.batch_size,
-        "optimizer": sq.optimizer, "lr": sq.lr, "weight_decay": sq.weight_decay, "amp": sq.amp,
+        "optimizer": sq.optimizer, "warmup_epochs": sq.warmup_epochs, "lr": sq.lr, "weight_decay": sq.weight_decay, "amp": sq.amp,
         "weights": sq.weights, "checkpoint": str(ctx.path("checkpoints", "squeeze-last.pt")),
         "output": str(ctx.path(TEACHER)), "config_hash": ctx.hashes["squeeze"],
     }
