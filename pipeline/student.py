@@ -1,4 +1,8 @@
-"""Student training on the synthetic set with teacher soft labels (stored top-k or online).
+"""Student training on the synthetic set with teacher soft labels (stored or online).
+
+Stored mode reads the relabel stage's files (top-k fp16 logits + logZ per view, see `pipeline.softlabels`),
+after checking their class count, temperature and view checksum against this student; online mode runs the
+teacher on each batch and uses the full target softmax(z / T).
 
 The view of image i in epoch e (crop, flip, CutMix/Mixup partner and box) is a pure function
 of (run seed, e, i) (`pipeline.augment.draw_view`), so stored soft labels line up with the
@@ -11,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +27,8 @@ from pipeline.augment import ViewConfig, draw_views, render_batch
 from pipeline.models import build_model
 from pipeline.optim import cosine_schedule, make_optimizer
 from pipeline.seeding import derive_seed, generator
-from pipeline.softlabels import kd_loss, read_soft_labels, teacher_probs, topk_fp16
-from pipeline.synthesis import normalize
+from pipeline.softlabels import SoftLabelTable, ViewSource, full_target, kd_loss, read_soft_labels
+from pipeline.synthesis import IMAGENET_MEAN, IMAGENET_STD, normalize
 from pipeline.trainloop import (
     autocast,
     evaluate,
@@ -50,23 +55,28 @@ def epoch_batches(num_images: int, global_batch: int, world: int, rank: int, see
 class ViewBatches(torch.utils.data.Dataset):
     """Item b = (normalized views [B,3,R,R], image ids [B]) of this rank's b-th batch of an epoch."""
 
-    def __init__(self, images: torch.Tensor, batches: list[list[int]], seed: int, epoch: int, cfg: ViewConfig) -> None:
+    def __init__(self, images: torch.Tensor, batches: list[list[int]], seed: int, epoch: int, cfg: ViewConfig,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
         self.images, self.batches, self.seed, self.epoch, self.cfg = images, batches, seed, epoch, cfg
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids = self.batches[b]
-        return render_views(self.images, ids, self.seed, self.epoch, self.cfg), torch.tensor(ids, dtype=torch.long)
+        views = render_views(self.images, ids, self.seed, self.epoch, self.cfg, self.mean, self.std)
+        return views, torch.tensor(ids, dtype=torch.long)
 
 
-def render_views(images: torch.Tensor, ids: list[int], seed: int, epoch: int, cfg: ViewConfig) -> torch.Tensor:
-    """Normalized views of `ids` in `epoch` (the same for relabel and for the student)."""
+def render_views(images: torch.Tensor, ids: list[int], seed: int, epoch: int, cfg: ViewConfig,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """Views of `ids` in `epoch`, normalized with (mean, std) (`data.mean` / `data.std`): the same for relabel
+    and for the student."""
     params = draw_views(seed, epoch, ids, len(images), cfg)
     imgs = [images[i].float() / 255.0 for i in ids]
     partners = [images[p.partner].float() / 255.0 if p.partner >= 0 else None for p in params]
-    return normalize(render_batch(imgs, partners, params, cfg.resolution))
+    return normalize(render_batch(imgs, partners, params, cfg.resolution), mean, std)
 
 
 def view_config(args: dict[str, Any]) -> ViewConfig:
@@ -87,13 +97,16 @@ def train_student(args: dict[str, Any]) -> dict[str, Any]:
     rank, world, _ = ddp.dist_info()
     device = ddp.device_for_rank()
     images, _ = load_images(Path(args["synthetic_dir"]), _index(args), None)
-    n, num_classes, k, temp = len(images), args["num_classes"], args["top_k"], args["temperature"]
+    n, num_classes, temp = len(images), args["num_classes"], args["temperature"]
     cfg = view_config(args)
     torch.manual_seed(derive_seed(args["seed"], "train", "init"))
     model = build_model(args["arch"], num_classes, args["resolution"]).to(device)
-    opt = make_optimizer(model, lr=args["lr"], weight_decay=args["weight_decay"])
-    sched = cosine_schedule(opt, args["epochs"])
-    table = read_soft_labels(args["soft_labels"]) if args["relabel_mode"] == "stored" else None
+    opt = make_optimizer(model, lr=args["lr"], weight_decay=args["weight_decay"], name=args["optimizer"],
+                         decay_1d=args["decay_1d"])
+    sched = cosine_schedule(opt, args["epochs"], warmup_epochs=args["warmup_epochs"])
+    # The official Tiny-ImageNet students scale the KD loss by T^2 (Hinton et al.); ImageNet / CIFAR do not.
+    loss_scale = temp * temp if args["loss_t2"] else 1.0
+    table = _soft_labels(args, n, cfg, device) if args["relabel_mode"] == "stored" else None
     teacher = load_teacher(args, device) if table is None else None
     ckpt_path = Path(args["checkpoint"])
     ckpt = resume(ckpt_path, args["config_hash"], model, opt, sched, "train")
@@ -105,21 +118,21 @@ def train_student(args: dict[str, Any]) -> dict[str, Any]:
     for epoch in range(start, args["epochs"]):
         net.train()
         batches = epoch_batches(n, args["batch_size"], world, rank, args["seed"], epoch)
-        data = ViewBatches(images, batches, args["seed"], epoch, cfg)
+        data = ViewBatches(images, batches, args["seed"], epoch, cfg, args["mean"], args["std"])
         loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=args["num_workers"],
                                              persistent_workers=False)
         total = torch.zeros(2, dtype=torch.float64, device=device)
         for x, ids in loader:
             x = x.to(device, non_blocking=True)
             if table is not None:
-                idx, vals = table.lookup(epoch, ids.tolist())
-            else:
+                target = table.targets(epoch, ids.tolist(), device)
+            else:  # online: the full target softmax(z / T), nothing truncated
                 with torch.no_grad(), autocast(device, args["amp"]):
-                    idx, vals = topk_fp16(teacher(x).float(), k)
-            target = teacher_probs(idx.to(device), vals.to(device), num_classes, temp)
+                    logits = teacher(x)
+                target = full_target(logits.float(), temp)
             with autocast(device, args["amp"]):
                 out = net(x).float()
-            loss = kd_loss(out, target, temp)
+            loss = kd_loss(out, target, temp) * loss_scale
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -141,6 +154,26 @@ def train_student(args: dict[str, Any]) -> dict[str, Any]:
         save_atomic(model.state_dict(), Path(args["output"]))
     return {"epochs": args["epochs"], "num_images": n, "history": history, "resumed_from_epoch": resumed_from,
             "world_size": world, "train_seconds": round(time.time() - t0, 2)}
+
+
+def _soft_labels(args: dict[str, Any], num_images: int, cfg: ViewConfig, device: torch.device) -> SoftLabelTable:
+    """The stored soft labels, checked against this student: C, T, and the views of every row.
+
+    Redrawing the views of every row costs ~60 us a view, so the ranks split the files and sum a flag
+    per file; every rank then raises the same error, naming the first file that does not match.
+    """
+    rank, world, _ = ddp.dist_info()
+    table = read_soft_labels(args["soft_labels"], num_classes=args["num_classes"], temperature=args["temperature"])
+    views = ViewSource(args["seed"], num_images, cfg)
+    if not table.paths:
+        return table
+    bad = torch.zeros(len(table.paths), dtype=torch.float32, device=device)
+    for i in table.check_views(views, rank, world):
+        bad[i] = 1.0
+    ddp.all_reduce_sum(bad)
+    if bool((bad > 0).any()):
+        raise table.view_error(int((bad > 0).nonzero()[0]), views)
+    return table
 
 
 def _index(args: dict[str, Any]):  # noqa: ANN202 - pyarrow table

@@ -15,14 +15,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.augment import ViewConfig, draw_view
+from pipeline.augment import ViewConfig
 from pipeline.config import ConfigError, load_config
 from pipeline.ddp import launch_local
 from pipeline.models import build_model
 from pipeline.runner import compute_hashes, open_context, run_pipeline
-from pipeline.softlabels import read_soft_labels, teacher_probs, topk_fp16
+from pipeline.softlabels import ViewSource, full_target, read_soft_labels, teacher_probs
 from pipeline.stages.train import student_args
-from pipeline.student import ViewBatches, _index, epoch_batches, load_teacher, render_views, view_config
+from pipeline.student import (
+    ViewBatches,
+    _index,
+    epoch_batches,
+    load_teacher,
+    render_views,
+    train_student,
+    view_config,
+)
 from tests.conftest import FAST, clone_run, fast_config, make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,26 +116,59 @@ def test_stored_and_online_relabel_give_the_same_targets(relabeled_run: Path) ->
     images, _ = load_images(Path(args["synthetic_dir"]), _index(args), None)
     n, c, k, temp, seed = len(images), args["num_classes"], args["top_k"], args["temperature"], args["seed"]
     assert k == c == 10 and n == 20
-    table = read_soft_labels(args["soft_labels"])
+    cfg = view_config(args)
+    # the student's checks pass: same C, same T, and every row's views are the student's
+    table = read_soft_labels(args["soft_labels"], num_classes=c, temperature=temp, views=ViewSource(seed, n, cfg))
     assert table.k == k and len(table) == n * args["epochs"]
     teacher = load_teacher(args, torch.device("cpu"))
-    cfg = view_config(args)
     ids = list(range(n))
     stored_by_epoch = []
     for epoch in range(args["epochs"]):
         with torch.no_grad():
             logits = teacher(render_views(images, ids, seed, epoch, cfg)).float()
-        online_idx, online_val = topk_fp16(logits, k)
-        stored_idx, stored_val = table.lookup(epoch, ids)
-        for t in (temp, 1.0):  # the training temperature, and T = 1 where differences are not flattened
-            online = teacher_probs(online_idx, online_val, c, t)
-            stored = teacher_probs(stored_idx, stored_val, c, t)
-            torch.testing.assert_close(stored, online, atol=1e-3, rtol=0)
-        stored_by_epoch.append(teacher_probs(stored_idx, stored_val, c, 1.0))
-        for i in ids:
-            assert table.params(epoch, i) == draw_view(seed, epoch, i, n, cfg), (epoch, i)
+        online = full_target(logits, temp)  # what online mode trains on
+        stored = table.targets(epoch, ids)  # what stored mode trains on
+        torch.testing.assert_close(stored, online, atol=1e-6, rtol=0)
+        # at T = 1, where differences are not flattened (k = C: no log_z needed)
+        idx, vals, _ = table.lookup(epoch, ids)
+        torch.testing.assert_close(teacher_probs(idx, vals, c, 1.0), full_target(logits, 1.0), atol=1e-4, rtol=0)
+        stored_by_epoch.append(teacher_probs(idx, vals, c, 1.0))
     # the comparison is not vacuous: views (and so targets) change from epoch to epoch
     assert (stored_by_epoch[0] - stored_by_epoch[1]).abs().max() > 1e-2
+
+
+def test_student_refuses_soft_labels_of_other_views_or_temperature(relabeled_run: Path, tmp_path: Path) -> None:
+    args = student_args(open_context(fast_config(TOPK), relabeled_run))
+    args["output"], args["checkpoint"] = str(tmp_path / "student.pt"), str(tmp_path / "train-last.pt")
+    with pytest.raises(ValueError) as err:  # labels made for seed 0, a student with seed 1
+        train_student({**args, "seed": args["seed"] + 1})
+    msg = str(err.value)
+    assert "soft labels were made for other views: seed/resolution/mix settings differ; rerun relabel" in msg
+    assert msg.startswith(args["soft_labels"][0])
+    with pytest.raises(ValueError) as err:
+        train_student({**args, "temperature": 4.0})
+    assert all(s in str(err.value) for s in (args["soft_labels"][0], "T = 20.0", "T = 4.0"))
+    assert not (tmp_path / "train-last.pt").exists()
+
+
+def test_relabel_reports_what_the_stored_targets_lose(relabeled_run: Path, tmp_path: Path) -> None:
+    metrics = ("soft_label_tv", "soft_label_kl", "soft_label_residual_mass")
+    exact = open_context(fast_config(TOPK), relabeled_run).store.load("relabel", "_stage").metrics
+    assert exact["top_k"] == 10 and all(exact[m] == 0.0 for m in metrics), exact
+    run_dir = clone_run(relabeled_run, tmp_path / "run")
+    cfg = fast_config("relabel.top_k=3")
+    ctx = run_pipeline(cfg, run_dir, stages=["relabel"], fresh=True, progress=False)
+    rec = ctx.store.load("relabel", "_stage").metrics
+    assert rec["top_k"] == 3 and all(rec[m] > 1e-4 for m in metrics), rec
+    assert rec["soft_label_tv"] < rec["soft_label_residual_mass"] < 1.0  # better than renormalising
+    units = ctx.store.records("relabel")
+    assert sum(u.metrics["measured_views"] for u in units) == 20 * 2  # fewer views than the sample size: all
+    # the stored targets are still distributions over the 10 classes
+    args = student_args(ctx)
+    table = read_soft_labels(args["soft_labels"], num_classes=10, temperature=args["temperature"])
+    probs = table.targets(1, list(range(20)))
+    assert table.k == 3 and probs.shape == (20, 10)
+    torch.testing.assert_close(probs.sum(1), torch.ones(20), atol=1e-6, rtol=0)
 
 
 # ----------------------------------------------------------------------------- 2. batch-free views
