@@ -115,7 +115,7 @@ class RelabelConfig:
     """Teacher soft labels for the student's views of the synthetic images."""
 
     mode: str = "stored"  # stored (top-k fp16 parquet) | online (teacher runs during training)
-    top_k: int = 0  # 0 = min(100, number of classes)
+    top_k: int = 0  # kept logits per view (+ the log-partition); 0 = all classes: the exact target
     images_per_unit: int = 1000  # synthetic images per relabel unit (stored mode)
     batch_size: int = _op(256, "teacher batch size while relabelling")
 

@@ -13,13 +13,19 @@ SUMMARY = "results/summary.json"
 
 
 def protocol(ctx: RunContext) -> dict[str, Any]:
-    c = ctx.config
-    return {"teacher": c.squeeze.arch, "student": c.train.arch, "resolution": c.data.resolution,
-            "epochs": c.train.epochs, "batch_size": c.train.batch_size, "optimizer": "adamw",
-            "lr": c.train.lr, "weight_decay": c.train.weight_decay, "temperature": c.train.temperature,
-            "augmentation": f"random-resized-crop(scale {c.train.crop_scale_min}-1) + flip + {c.train.mix}"
-                            + (f"(alpha {c.train.mix_alpha})" if c.train.mix != "none" else ""),
-            "relabel_mode": c.relabel.mode, "top_k": c.relabel.top_k, "recover_iterations": c.recover.iterations}
+    """The student protocol as run (effective values: top_k resolved from the class count)."""
+    from pipeline.stages.relabel import top_k
+
+    c, t = ctx.config, ctx.config.train
+    return {"teacher": c.squeeze.arch, "student": t.arch, "resolution": c.data.resolution,
+            "mean": list(c.data.mean), "std": list(c.data.std),
+            "epochs": t.epochs, "batch_size": t.batch_size, "optimizer": t.optimizer, "lr": t.lr,
+            "weight_decay": t.weight_decay, "decay_1d": t.decay_1d, "warmup_epochs": t.warmup_epochs,
+            "temperature": t.temperature, "loss": "KL(teacher || student)" + (" * T^2" if t.loss_t2 else ""),
+            "augmentation": f"random-resized-crop(scale {t.crop_scale_min}-1) + flip + {t.mix}"
+                            + (f"(alpha {t.mix_alpha})" if t.mix != "none" else ""),
+            "relabel_mode": c.relabel.mode, "top_k": top_k(ctx) if c.relabel.mode == "stored" else None,
+            "recover_iterations": c.recover.iterations}
 
 
 class EvaluateStage(Stage):

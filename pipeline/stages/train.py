@@ -15,7 +15,8 @@ def student_args(ctx: RunContext) -> dict[str, Any]:
     soft = sorted(str(ctx.path(o.uri)) for r in ctx.store.records("relabel") for o in r.outputs)
     return {
         **data_args(ctx), **view_args(ctx), "arch": t.arch, "epochs": t.epochs, "batch_size": t.batch_size,
-        "lr": t.lr, "weight_decay": t.weight_decay, "temperature": t.temperature, "amp": t.amp,
+        "optimizer": t.optimizer, "lr": t.lr, "weight_decay": t.weight_decay, "decay_1d": t.decay_1d,
+        "warmup_epochs": t.warmup_epochs, "temperature": t.temperature, "loss_t2": t.loss_t2, "amp": t.amp,
         "relabel_mode": cfg.relabel.mode, "top_k": top_k(ctx), "soft_labels": soft,
         "teacher": str(ctx.path(TEACHER)), "teacher_arch": cfg.squeeze.arch,
         "synthetic_dir": str(ctx.path(SYNTHETIC_DIR)), "synthetic_index": recover_index_paths(ctx),
