@@ -92,9 +92,7 @@ def _imagenet(method: str, ipc: int) -> Callable[[], Config]:
         return cfg
 
     _describe(make, f"ImageNet-1K, ResNet-18 teacher (torchvision weights) and student, {method} IPC {ipc}, 224 px.",
-              method, ["stored soft labels keep the top-k fp16 logits and the log-partition (exact on the k "
-                       "classes, the rest of the mass spread uniformly) instead of all 1000 fp16 logits"]
-              if method == "sre2l" else [])
+              method, [])
     return make
 
 
