@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.config import load_config
+from pipeline.recipes import load_config
 from pipeline.runner import run_pipeline
 
 
@@ -52,11 +52,11 @@ def main() -> None:
     p.add_argument("--per-class", type=int, default=20)
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        t = timed(load_config("demo", overrides=["ray.executor=local"]), Path(tmp) / "demo")
+        t = timed(load_config("demo", overrides=["executor.kind=local"]), Path(tmp) / "demo")
         print(f"demo digits (1797 images, 32 px PNG, rendered + encoded): {1797 / t:8.1f} images/s ({t:.2f}s)")
         folder = Path("/tmp/bench_ingest")
         n = make_folder(folder, a.classes, a.per_class)
-        cfg = load_config("demo", overrides=[f"data.source={folder}", "data.shard_size=500", "ray.executor=local"])
+        cfg = load_config("demo", overrides=[f"data.source={folder}", "data.shard_size=500", "executor.kind=local"])
         t = timed(cfg, Path(tmp) / "jpeg")
         print(f"{a.classes}-class folder of 224-px JPEGs ({n} images, verified + copied): {n / t:8.1f} images/s "
               f"({t:.2f}s, one process)")

@@ -87,18 +87,18 @@ def bench_rn18(device: str, iterations: int, amp: bool) -> None:
 
 
 def bench_actors() -> None:
-    from pipeline.config import load_config
+    from pipeline.recipes import load_config
     from pipeline.runner import run_pipeline, run_stage
     from workers.ray_executor import RayExecutor
 
     with tempfile.TemporaryDirectory() as tmp:
         base = ["squeeze.epochs=2", "recover.iterations=200", "recover.ipc=4", "recover.ipc_per_unit=1",
-                "ray.executor=ray", "ray.num_cpus=2"]
+                "executor.kind=ray", "executor.num_cpus=2"]
         cfg = load_config("demo", overrides=base)
         ctx = run_pipeline(cfg, Path(tmp) / "run", stages=["ingest", "squeeze"], progress=False)
         times = {}
         for n in (1, 2):
-            cfg_n = load_config("demo", overrides=[*base, f"recover.num_workers={n}"])
+            cfg_n = load_config("demo", overrides=[*base, f"executor.num_workers={n}"])
             ctx.config = cfg_n
             ctx.store.clear("recover")
             ex = RayExecutor(cfg_n)

@@ -11,7 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline.config import ConfigError, config_from_json, describe, load_config
+from pipeline.config import ConfigError, config_from_json, describe
+from pipeline.recipes import load_config
 
 EPILOG_RUN = """examples:
   distill run                                   # the demo recipe on the bundled digits, ./runs/demo

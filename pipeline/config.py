@@ -1,7 +1,8 @@
 """Typed configuration: one dataclass per stage section, checked at load.
 
-A configuration comes from a named recipe (`pipeline.recipes`) or a YAML file, then
-`--set section.key=value` overrides (values parsed as YAML scalars). Unknown sections
+A configuration comes from a named recipe or a YAML file, then `--set section.key=value` overrides (values
+parsed as YAML scalars): `pipeline.recipes.load_config` composes them. This module knows no recipe (recipes are
+downstream of the config, so there is no import cycle). Unknown sections
 or keys and wrongly typed values raise `ConfigError` naming the key, the closest valid
 key and the expected type.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import math
 import types
 import typing
@@ -24,17 +26,24 @@ from typing import Any
 
 import yaml
 
+log = logging.getLogger(__name__)
+
 
 class ConfigError(ValueError):
     """A configuration or usage error (exit code 2)."""
 
 
-def _op(default: Any, doc: str = "") -> Any:
-    """An operational field: not part of the stage config hash."""
+def _f(default: Any, doc: str) -> Any:
+    """A field with its documentation: `distill run --help` and the README list it."""
+    return field(default=default, metadata={"doc": doc})
+
+
+def _op(default: Any, doc: str) -> Any:
+    """An operational field: it never changes what a stage computes, so it is not part of any config hash."""
     return field(default=default, metadata={"hash": False, "doc": doc})
 
 
-def _by_name(default: tuple[float, ...], doc: str = "") -> Any:
+def _by_name(default: tuple[float, ...], doc: str) -> Any:
     """A field left out of its own section's hash and hashed, by its dotted name, by the stages that use it.
 
     Normalization is a property of the data that ingest does not use: changing it must re-run the teacher and
@@ -52,71 +61,72 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class DataConfig:
     """Real data and ingest."""
 
-    source: str = "demo"  # "demo" (bundled digits) or a folder with train/<class>/*, val/<class>/*
-    dataset: str = "demo"  # name shown in results tables
-    resolution: int = 32  # side of the square images every model sees
-    shard_size: int = 256  # samples per WebDataset shard
-    max_bad_fraction: float = 0.01  # unreadable images tolerated before ingest stops
-    val_fraction: float = 0.2  # demo data only: share of each class held out for val
-    shuffle_seed: int = 0  # order of samples across shards (independent of the run seed)
+    source: str = _f("demo", "'demo' (the bundled scikit-learn digits) or a folder with train/<class>/* and "
+                     "val/<class>/*")
+    dataset: str = _f("demo", "name of the data set in results tables")
+    resolution: int = _f(32, "side in pixels of the square images every model sees")
+    shard_size: int = _f(256, "samples per WebDataset shard")
+    max_bad_fraction: float = _f(0.01, "share of unreadable images tolerated before ingest stops (exit 2)")
+    val_fraction: float = _f(0.2, "demo data only: share of each class held out as val")
+    shuffle_seed: int = _f(0, "order of samples across shards (independent of the run seed)")
     mean: list[float] = _by_name(IMAGENET_MEAN, "per-channel mean every model's input is normalized with (RGB, "
                                  "[0, 1] scale); an imported teacher needs the values it was trained with")
     std: list[float] = _by_name(IMAGENET_STD, "per-channel std of the input normalization (RGB, [0, 1] scale)")
-    loader: str = _op("auto", "auto | pil | dali")
-    num_workers: int = _op(2, "DataLoader worker processes per rank (PIL path)")
+    loader: str = _op("auto", "real-image loader: auto (DALI when importable) | pil | dali")
+    num_workers: int = _op(2, "DataLoader worker processes per rank (PIL path) or DALI threads")
 
 
 @dataclass
 class SqueezeConfig:
     """Teacher: train on the real shards, or import weights."""
 
-    arch: str = "convnet"
-    weights: str = ""  # "" = train; else a state_dict file or a torchvision weights name
-    epochs: int = 10
-    batch_size: int = 64
-    optimizer: str = "sgd"  # sgd (momentum 0.9, as the official scripts) | sgd-nesterov | adamw
-    lr: float = 0.05
-    weight_decay: float = 5e-4  # on every parameter, as the official teacher scripts
-    warmup_epochs: int = 0  # linear warm-up from 0.01x before the per-epoch cosine (official Tiny-ImageNet: 5)
-    amp: bool = True  # bf16 autocast on GPU; ignored on CPU
+    arch: str = _f("convnet", "teacher architecture: convnet, convnet-in, lenet, mlp or any torchvision "
+                   "classification model name")
+    weights: str = _f("", "'' = train the teacher here; else a state_dict file or a torchvision weights name "
+                      "(e.g. ResNet18_Weights.IMAGENET1K_V1, from the local cache only)")
+    epochs: int = _f(10, "teacher training epochs")
+    batch_size: int = _f(64, "global batch (split over the DDP ranks)")
+    optimizer: str = _f("sgd", "sgd (momentum 0.9, as the official scripts) | sgd-nesterov | adamw")
+    lr: float = _f(0.05, "base learning rate (per-epoch cosine to 0)")
+    weight_decay: float = _f(5e-4, "weight decay, on every parameter as the official teacher scripts")
+    warmup_epochs: int = _f(0, "linear warm-up epochs from 0.01x before the cosine (official Tiny-ImageNet: 5)")
+    amp: bool = _f(True, "bf16 autocast on GPU; ignored on CPU")
     workers: int = _op(0, "DDP workers: 0 = one per GPU (1 without GPUs); CPU workers use gloo")
 
 
 @dataclass
 class RecoverConfig:
-    """Synthesis of IPC images per class (SRe2L / DWA / random-real baseline)."""
+    """Synthesis (or selection) of IPC images per class."""
 
-    method: str = "dwa"  # sre2l | dwa | random-real
-    ipc: int = 10
-    iterations: int = 1000
-    lr: float = 0.25
-    r_bn: float = 0.01
-    r_var: float = 2.0
-    first_bn_multiplier: float = 10.0
-    jitter: int = 4  # roll by randint(0, jitter) px per axis, one draw per iteration (official: 32 at 224 px, 4 below)
-    crop: bool = True  # random-resized crop each iteration (official CIFAR recover: none, roll only)
-    flip: bool = True  # random horizontal flip each iteration (official CIFAR recover: none)
-    crop_scale_min: float = 0.08
-    init: str = "auto"  # auto (dwa: real, sre2l: noise) | real | noise
-    dwa_steps: int = 12
-    dwa_rho: float = 15e-3
-    dwa_batch_size: int = 0  # size of each random real subset B (0 = the synthesis batch: classes per shard)
-    classes_per_shard: int = 0  # 0 = min(100, number of classes)
-    ipc_per_unit: int = 10
-    amp: str = "bf16"  # bf16 | none (GPU only; CPU always fp32)
-    channels_last: bool = True  # GPU only
-    num_workers: int = _op(0, "actors; 0 = one per GPU, or CPUs // cpus_per_worker without GPUs")
-    cpus_per_worker: int = _op(1, "CPU actors: cores (and torch threads) per actor")
-    max_attempts: int = _op(3, "tries per unit before the stage fails")
+    method: str = _f("dwa", "recover method (see `distill methods`)")
+    ipc: int = _f(10, "images per class")
+    iterations: int = _f(1000, "optimization iterations per batch (SRe2L / DWA)")
+    lr: float = _f(0.25, "Adam learning rate on the normalized pixels (cosine to 0)")
+    r_bn: float = _f(0.01, "weight of the BatchNorm-statistics loss")
+    r_var: float = _f(2.0, "weight of the variance term inside the BN loss (SRe2L 1, DWA ImageNet 2, small 11)")
+    first_bn_multiplier: float = _f(10.0, "extra weight of the first BN layer's term")
+    jitter: int = _f(4, "roll by randint(0, jitter) px per axis each iteration (official: 32 at 224 px, 4 below)")
+    crop: bool = _f(True, "random-resized crop each iteration (official CIFAR recover: none, roll only)")
+    flip: bool = _f(True, "random horizontal flip each iteration (official CIFAR recover: none)")
+    crop_scale_min: float = _f(0.08, "smallest area fraction of the random-resized crop")
+    init: str = _f("auto", "initial images: auto (dwa: real, sre2l: noise) | real | noise")
+    dwa_steps: int = _f(12, "DWA: K normalized ascent steps on the teacher's weights")
+    dwa_rho: float = _f(15e-3, "DWA: total radius of the weight perturbation")
+    dwa_batch_size: int = _f(0, "DWA: size of the real subset B (0 = the synthesis batch: one image per class)")
+    classes_per_shard: int = _f(0, "classes per unit and per synthesis batch (0 = min(100, classes))")
+    ipc_per_unit: int = _f(10, "images per class in one unit of work")
+    amp: str = _f("bf16", "bf16 | none: autocast on GPU (CPU is always fp32)")
+    channels_last: bool = _f(True, "channels_last memory format on GPU")
 
 
 @dataclass
 class RelabelConfig:
     """Teacher soft labels for the student's views of the synthetic images."""
 
-    mode: str = "stored"  # stored (top-k fp16 parquet) | online (teacher runs during training)
-    top_k: int = 0  # kept logits per view (+ the log-partition); 0 = all classes: the exact target
-    images_per_unit: int = 1000  # synthetic images per relabel unit (stored mode)
+    mode: str = _f("stored", "stored (parquet of fp16 logits + log-partition per view) | online (the teacher "
+                   "runs during training)")
+    top_k: int = _f(0, "kept logits per view (+ the log-partition); 0 = all classes: the exact target")
+    images_per_unit: int = _f(1000, "synthetic images per relabel unit (stored mode)")
     batch_size: int = _op(256, "teacher batch size while relabelling")
 
 
@@ -124,20 +134,20 @@ class RelabelConfig:
 class TrainConfig:
     """Student trained from scratch on the synthetic set."""
 
-    arch: str = "convnet"
-    epochs: int = 300
-    batch_size: int = 128
-    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9) | sgd-nesterov
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    decay_1d: bool = False  # weight decay on 1-D tensors too (official Tiny/CIFAR code); False = SRe2L ImageNet
-    warmup_epochs: int = 0  # linear warm-up from 0.01x before the per-epoch cosine (official Tiny-ImageNet: 5)
-    temperature: float = 20.0
-    loss_t2: bool = False  # multiply the KD loss by T^2 (official Tiny-ImageNet code); False = ImageNet/CIFAR
-    mix: str = "cutmix"  # cutmix | mixup | none
-    mix_alpha: float = 1.0
-    crop_scale_min: float = 0.08
-    amp: bool = True  # bf16 autocast on GPU; ignored on CPU
+    arch: str = _f("convnet", "student architecture (any name `squeeze.arch` accepts)")
+    epochs: int = _f(300, "student epochs")
+    batch_size: int = _f(128, "global batch (split over the DDP ranks)")
+    optimizer: str = _f("adamw", "adamw | sgd (momentum 0.9) | sgd-nesterov")
+    lr: float = _f(1e-3, "base learning rate (per-epoch cosine to 0)")
+    weight_decay: float = _f(0.01, "weight decay")
+    decay_1d: bool = _f(False, "weight decay on 1-D tensors too (official Tiny/CIFAR code); False = SRe2L ImageNet")
+    warmup_epochs: int = _f(0, "linear warm-up epochs from 0.01x before the cosine (official Tiny-ImageNet: 5)")
+    temperature: float = _f(20.0, "KD temperature T of teacher and student softmax")
+    loss_t2: bool = _f(False, "multiply the KD loss by T^2 (official Tiny-ImageNet code)")
+    mix: str = _f("cutmix", "cutmix | mixup | none, applied to every view")
+    mix_alpha: float = _f(1.0, "lambda ~ Beta(alpha, alpha) of CutMix / Mixup")
+    crop_scale_min: float = _f(0.08, "smallest area fraction of the student's random-resized crop")
+    amp: bool = _f(True, "bf16 autocast on GPU; ignored on CPU")
     workers: int = _op(0, "DDP workers: 0 = one per GPU (1 without GPUs); CPU workers use gloo")
 
 
@@ -145,32 +155,43 @@ class TrainConfig:
 class EvalConfig:
     """Evaluation of the student on the real val shards."""
 
-    every: int = 0  # evaluate every N epochs during training (0 = only at the end)
+    every: int = _f(0, "evaluate every N epochs during training (0 = only at the end)")
     batch_size: int = _op(256, "eval batch size")
 
 
 @dataclass
-class RayConfig:
-    """Where units run. Never part of any hash."""
+class ExecutorConfig:
+    """Where and how the units of the distributed stages (ingest, recover, relabel) run. Never hashed."""
 
-    executor: str = _op("auto", "auto (ray inside a Ray job or when address is set) | local | ray")
-    address: str = _op("", "'' = start a local cluster (127.0.0.1); 'auto' or host:port = join one")
-    num_cpus: int = _op(0, "CPUs for a local cluster (0 = all)")
-    num_gpus: int = _op(-1, "GPUs for a local cluster (-1 = detect)")
+    kind: str = _op("auto", "auto (Ray inside a Ray job or when address is set) | local (in this process) | ray")
+    address: str = _op("", "'' = start a private local Ray cluster (127.0.0.1); 'auto' or host:port = join one")
+    num_cpus: int = _op(0, "CPUs of a private local Ray cluster (0 = all)")
+    num_gpus: int = _op(-1, "GPUs of a private local Ray cluster (-1 = detect)")
+    num_workers: int = _op(0, "actors; 0 = one per GPU, or CPUs // cpus_per_worker without GPUs")
+    cpus_per_worker: int = _op(1, "CPU actors: cores (and torch threads) per actor")
+    max_attempts: int = _op(3, "tries per unit before the stage fails")
+
+
+# Keys of earlier versions, still read from old config.json files, YAML and --set (with a warning).
+LEGACY_KEYS: dict[str, str] = {
+    "ray.executor": "executor.kind", "ray.address": "executor.address", "ray.num_cpus": "executor.num_cpus",
+    "ray.num_gpus": "executor.num_gpus", "recover.num_workers": "executor.num_workers",
+    "recover.cpus_per_worker": "executor.cpus_per_worker", "recover.max_attempts": "executor.max_attempts",
+}
 
 
 @dataclass
 class Config:
     """The whole run configuration."""
 
-    seed: int = 0
+    seed: int = _f(0, "run seed: every unit is seeded from (seed, stage, unit key)")
     data: DataConfig = field(default_factory=DataConfig)
     squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)
     recover: RecoverConfig = field(default_factory=RecoverConfig)
     relabel: RelabelConfig = field(default_factory=RelabelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -206,12 +227,12 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "recover.amp": ("bf16", "none"),
     "relabel.mode": ("stored", "online"),
     "train.mix": ("cutmix", "mixup", "none"),
-    "ray.executor": ("auto", "local", "ray"),
+    "executor.kind": ("auto", "local", "ray"),
 }
 _POSITIVE = (
     "data.resolution", "data.shard_size", "squeeze.epochs", "squeeze.batch_size", "recover.ipc",
     "recover.iterations", "recover.ipc_per_unit", "recover.dwa_steps",
-    "recover.max_attempts", "recover.cpus_per_worker", "relabel.images_per_unit", "relabel.batch_size",
+    "executor.max_attempts", "executor.cpus_per_worker", "relabel.images_per_unit", "relabel.batch_size",
     "train.epochs", "train.batch_size", "eval.batch_size",
 )
 
@@ -259,10 +280,28 @@ def _apply_section(section_obj: Any, section: str, values: dict[str, Any]) -> No
         setattr(section_obj, key, _coerce(f"{section}.{key}", value, hints[key]))
 
 
+def _upgrade_legacy(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """A copy of `data` with the keys of earlier versions (`LEGACY_KEYS`) moved to their new place."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for old, new in LEGACY_KEYS.items():
+        osec, okey = old.split(".")
+        nsec, nkey = new.split(".")
+        if isinstance(out.get(osec), dict) and okey in out[osec]:
+            value = out[osec].pop(okey)
+            if not out[osec] and osec not in SECTIONS:
+                del out[osec]
+            out.setdefault(nsec, {})
+            if isinstance(out[nsec], dict):
+                out[nsec].setdefault(nkey, value)
+            log.warning("%s: config key '%s' is now '%s'", source, old, new)
+    return out
+
+
 def apply_dict(cfg: Config, data: dict[str, Any], source: str = "config") -> Config:
     """Overlay a nested dict (from YAML or JSON) onto `cfg` in place."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    data = _upgrade_legacy(data, source)
     valid = ["seed", *SECTIONS]
     for name, values in data.items():
         if name in ("run_id", "schema_version"):
@@ -348,29 +387,6 @@ def validate(cfg: Config) -> Config:
         except ValueError as exc:
             raise ConfigError(f"config key '{dotted}': {exc}") from None
     return cfg
-
-
-def load_config(recipe: str | None = None, config_file: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Recipe or YAML file, then overrides, then validation."""
-    from pipeline.recipes import get_recipe
-
-    if recipe and config_file:
-        raise ConfigError("give either --recipe or --config, not both")
-    if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        base = data.pop("recipe", None) if isinstance(data, dict) else None
-        cfg = get_recipe(base) if base else Config()
-        apply_dict(cfg, data, source=str(path))
-    else:
-        cfg = get_recipe(recipe or "demo")
-    apply_overrides(cfg, overrides or [])
-    return validate(cfg)
 
 
 def config_from_json(path: Path) -> Config:

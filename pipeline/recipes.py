@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from pathlib import Path
 
-from pipeline.config import Config, ConfigError
+import yaml
+
+from pipeline.config import Config, ConfigError, apply_dict, apply_overrides, validate
 
 TINY_MEAN, TINY_STD = [0.4802, 0.4481, 0.3975], [0.2302, 0.2265, 0.2262]
 CIFAR10_MEAN, CIFAR10_STD = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]
@@ -207,3 +210,24 @@ def recipe_differences(name: str) -> list[str]:
     """What the recipe does differently from its official counterpart (empty for the demo)."""
     get_recipe(name)  # the same error for an unknown name
     return list(getattr(RECIPES[name], "differences", []))
+
+
+def load_config(recipe: str | None = None, config_file: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Recipe or YAML file, then overrides, then validation."""
+    if recipe and config_file:
+        raise ConfigError("give either --recipe or --config, not both")
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        base = data.pop("recipe", None) if isinstance(data, dict) else None
+        cfg = get_recipe(base) if base else Config()
+        apply_dict(cfg, data, source=str(path))
+    else:
+        cfg = get_recipe(recipe or "demo")
+    apply_overrides(cfg, overrides or [])
+    return validate(cfg)

@@ -53,12 +53,12 @@ def image_folder(tmp_path: Path) -> Path:
 FAST = [
     "squeeze.epochs=1", "recover.iterations=4", "recover.ipc=2", "recover.ipc_per_unit=1",
     "recover.classes_per_shard=5", "train.epochs=2", "train.batch_size=8", "relabel.images_per_unit=10",
-    "data.num_workers=0", "ray.executor=local",
+    "data.num_workers=0", "executor.kind=local",
 ]
 
 
 def fast_config(*extra: str):
-    from pipeline.config import load_config
+    from pipeline.recipes import load_config
 
     return load_config("demo", overrides=[*FAST, *extra])
 

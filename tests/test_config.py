@@ -7,7 +7,8 @@ import json
 import pytest
 
 from pipeline.cli import main
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError
+from pipeline.recipes import load_config
 from pipeline.runner import compute_hashes
 
 
@@ -56,7 +57,7 @@ def test_hashes_chain_downstream_only():
     for stage in ("recover", "relabel", "train", "evaluate"):
         assert changed[stage] != base[stage]
     # operational keys do not invalidate anything
-    assert compute_hashes(load_config("demo", overrides=["recover.num_workers=5", "data.loader=pil"])) == base
+    assert compute_hashes(load_config("demo", overrides=["executor.num_workers=5", "data.loader=pil"])) == base
 
 
 def test_cli_exit_code_2_on_bad_config(tmp_path, capsys):

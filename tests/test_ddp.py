@@ -89,10 +89,10 @@ def test_helpers_are_no_ops_without_a_process_group(monkeypatch):
 
 
 def test_launch_ddp_without_ray_runs_locally():
-    from pipeline.config import load_config
+    from pipeline.recipes import load_config
     from workers.ray_train import launch_ddp
 
-    out = launch_ddp(reduce_job, "x", 1, load_config("demo", overrides=["ray.executor=local"]))
+    out = launch_ddp(reduce_job, "x", 1, load_config("demo", overrides=["executor.kind=local"]))
     assert out == {"rank": 0, "world": 1, "sum": 1.0, "arg": "x"}
 
 

@@ -136,12 +136,12 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 def _run_command(run_dir: Path, *extra: str, stages: str | None = None) -> list[str]:
-    """`python -m pipeline.cli run` for the demo with every FAST item, then `ray.executor=ray` (which must win
-    over FAST's `ray.executor=local`: later --set items override earlier ones), then `extra`."""
+    """`python -m pipeline.cli run` for the demo with every FAST item, then `executor.kind=ray` (which must win
+    over FAST's `executor.kind=local`: later --set items override earlier ones), then `extra`."""
     cmd = ["python", "-m", "pipeline.cli", "run", "--recipe", "demo", "--run-dir", str(run_dir), "--no-progress"]
     if stages:
         cmd += ["--stages", stages]
-    for item in [*FAST, "ray.executor=ray", *extra]:
+    for item in [*FAST, "executor.kind=ray", *extra]:
         cmd += ["--set", item]
     return cmd
 
@@ -267,7 +267,7 @@ def test_submit_demo_job_end_to_end(ray_head: LocalRayHead, demo_job: DemoJob) -
     pipeline_file = next(line.split(" ", 1)[1] for line in logs.splitlines() if line.startswith("JOB_PIPELINE"))
     assert not pipeline_file.startswith(str(REPO)), "the job imported the checkout, not the uploaded copy"
     assert str(ray_head.temp_dir) in pipeline_file
-    # The later `--set ray.executor=ray` won over FAST's `ray.executor=local`.
+    # The later `--set executor.kind=ray` won over FAST's `executor.kind=local`.
     assert json.loads((run_dir / "config.json").read_text())["ray"]["executor"] == "ray"
     # The Ray executor joined this head (its GCS port) instead of starting a nested cluster; the DDP stages
     # went through Ray Train on it.

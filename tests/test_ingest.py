@@ -8,8 +8,9 @@ import tarfile
 import pytest
 
 from manifests.store import ManifestStore
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError
 from pipeline.data.shards import read_index, read_member
+from pipeline.recipes import load_config
 from pipeline.runner import StageFailed, run_pipeline
 from tests.conftest import make_image_folder
 

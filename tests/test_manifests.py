@@ -6,7 +6,8 @@ import pytest
 
 from manifests.schema import FileRef, Record
 from manifests.store import ManifestStore
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError
+from pipeline.recipes import load_config
 from pipeline.runner import open_context, prepare
 
 

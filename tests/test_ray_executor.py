@@ -11,7 +11,7 @@ import pytest
 import ray
 
 from manifests.store import ManifestStore
-from pipeline.config import load_config
+from pipeline.recipes import load_config
 from pipeline.runner import _record, run_pipeline
 from pipeline.stages.base import Outcome, RunContext, Stage, Unit, UnitResult
 from workers.local import LocalExecutor
@@ -59,7 +59,7 @@ def ray_cluster():
 
 
 def _cfg(*overrides: str):
-    return load_config("demo", overrides=["ray.executor=ray", "recover.num_workers=2", *overrides])
+    return load_config("demo", overrides=["executor.kind=ray", "executor.num_workers=2", *overrides])
 
 
 def _toy_run(tmp_path: Path, units: list[Unit], *overrides: str, during=None):
@@ -89,7 +89,7 @@ def _toy_run(tmp_path: Path, units: list[Unit], *overrides: str, during=None):
 # ------------------------------------------------------------------------------------- pure (no cluster)
 
 def test_plan_actors_decides_before_creating():
-    cfg = load_config("demo", overrides=["recover.cpus_per_worker=1"])
+    cfg = load_config("demo", overrides=["executor.cpus_per_worker=1"])
     gpu_stage = type("G", (Stage,), {"needs_gpu": True})()
     cpu_plan = plan_actors(gpu_stage, cfg, 10, {"CPU": 2.0})
     assert (cpu_plan.kind, cpu_plan.count, cpu_plan.num_gpus) == ("CPU", 2, 0)  # no GPU: never ask for one
@@ -97,7 +97,7 @@ def test_plan_actors_decides_before_creating():
     assert (gpu_plan.kind, gpu_plan.count, gpu_plan.num_gpus) == ("GPU", 4, 1)
     assert plan_actors(gpu_stage, cfg, 3, {"CPU": 16.0, "GPU": 4.0}).count == 3  # never more than units
     assert plan_actors(TOY, cfg, 10, {"CPU": 16.0, "GPU": 4.0}).kind == "CPU"  # stage needs no GPU
-    wide = load_config("demo", overrides=["recover.cpus_per_worker=2", "recover.num_workers=5"])
+    wide = load_config("demo", overrides=["executor.cpus_per_worker=2", "executor.num_workers=5"])
     assert plan_actors(TOY, wide, 10, {"CPU": 4.0}).count == 2  # capped to what fits
 
 
@@ -141,7 +141,7 @@ def test_actor_that_kills_itself_is_replaced(ray_cluster, tmp_path):
     marker = tmp_path / "died-once"
     units = [Unit(f"u{i}", {"i": i, "sleep": 0.1}) for i in range(4)]
     units[1] = Unit("u1", {"i": 1, "sleep": 0.1, "die_once": str(marker)})
-    outcomes, store = _toy_run(tmp_path, units, "recover.max_attempts=3")
+    outcomes, store = _toy_run(tmp_path, units, "executor.max_attempts=3")
     assert sorted(o.unit.key for o in outcomes) == ["u0", "u1", "u2", "u3"] and all(o.ok for o in outcomes)
     records = {r.unit: r for r in store.records("toy")}
     assert records["u1"].attempt == 2 and records["u1"].metrics["double"] == 2
@@ -164,7 +164,7 @@ def test_ray_kill_mid_stage_completes_every_unit(ray_cluster, tmp_path):
         threading.Thread(target=target, daemon=True).start()
 
     units = [Unit(f"u{i}", {"i": i, "sleep": 0.8}) for i in range(6)]
-    outcomes, store = _toy_run(tmp_path, units, "recover.max_attempts=2", during=kill_one_soon)
+    outcomes, store = _toy_run(tmp_path, units, "executor.max_attempts=2", during=kill_one_soon)
     assert len(outcomes) == 6 and all(o.ok for o in outcomes)
     assert len(killed) == 1
     attempts = {o.unit.key: o.attempt for o in outcomes}
@@ -175,7 +175,7 @@ def test_ray_kill_mid_stage_completes_every_unit(ray_cluster, tmp_path):
 @pytest.mark.ray
 def test_unit_that_always_raises_fails_after_max_attempts(ray_cluster, tmp_path):
     units = [Unit(f"u{i}", {"i": i, "raise": i == 2}) for i in range(4)]
-    outcomes, store = _toy_run(tmp_path, units, "recover.max_attempts=2")
+    outcomes, store = _toy_run(tmp_path, units, "executor.max_attempts=2")
     assert len(outcomes) == 4  # one call per unit: intermediate failures are only logged
     assert sorted(r.unit for r in store.records("toy")) == ["u0", "u1", "u3"]
     (failed,) = store.failures("toy")

@@ -409,13 +409,13 @@ def test_ray_executor_with_two_actors_matches_local(ray_cluster, runs, teacher_r
 
     ray = ray_cluster
     gcs = ray.get_runtime_context().gcs_address
-    cfg = fast_config("recover.method=dwa", "ray.executor=ray", "recover.num_workers=2")
+    cfg = fast_config("recover.method=dwa", "executor.kind=ray", "executor.num_workers=2")
     executor = make_executor(cfg)
     assert isinstance(executor, RayExecutor)
     seen = _spy(executor)
     try:
-        ray_dir = _recover(teacher_run, tmp_path / "ray", "recover.method=dwa", "ray.executor=ray",
-                           "recover.num_workers=2", executor=executor).run_dir
+        ray_dir = _recover(teacher_run, tmp_path / "ray", "recover.method=dwa", "executor.kind=ray",
+                           "executor.num_workers=2", executor=executor).run_dir
         assert executor.actors == []  # the stage's actors are gone when it ends
     finally:
         executor.close()
@@ -432,7 +432,7 @@ def test_ray_kill_of_an_actor_mid_stage_retries_and_matches_clean_run(ray_cluste
     from workers.ray_executor import RayExecutor
 
     ray = ray_cluster
-    overrides = ("recover.method=dwa", "ray.executor=ray", "recover.num_workers=2", "recover.max_attempts=2")
+    overrides = ("recover.method=dwa", "executor.kind=ray", "executor.num_workers=2", "executor.max_attempts=2")
     cfg = fast_config(*overrides)
     killed: list[str] = []
     errors: list[BaseException] = []

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from pipeline.augment import ViewConfig
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError
 from pipeline.ddp import launch_local
 from pipeline.models import build_model
+from pipeline.recipes import load_config
 from pipeline.runner import compute_hashes, open_context, run_pipeline
 from pipeline.softlabels import ViewSource, full_target, read_soft_labels, teacher_probs
 from pipeline.stages.train import student_args

@@ -13,9 +13,9 @@ def in_ray_job() -> bool:
 
 
 def use_ray(cfg: Config) -> bool:
-    mode = cfg.ray.executor
+    mode = cfg.executor.kind
     if mode == "auto":
-        return in_ray_job() or bool(cfg.ray.address)
+        return in_ray_job() or bool(cfg.executor.address)
     return mode == "ray"
 
 
@@ -27,4 +27,4 @@ def make_executor(cfg: Config):  # noqa: ANN201 - returns an Executor
         return RayExecutor(cfg)
     from workers.local import LocalExecutor
 
-    return LocalExecutor(max_attempts=cfg.recover.max_attempts)
+    return LocalExecutor(max_attempts=cfg.executor.max_attempts)

@@ -3,13 +3,13 @@
 How it works:
 
 - `connect_ray` joins an existing cluster (already initialised, inside a Ray job, RAY_ADDRESS, or
-  `ray.address` = "auto" / host:port / ray://...) or starts a private local one (no dashboard).
+  `executor.address` = "auto" / host:port / ray://...) or starts a private local one (no dashboard).
 - Resources are decided *before* any actor exists: GPU actors (`num_gpus=1`) only when the stage needs a
-  GPU and the cluster has GPUs; otherwise CPU actors sized by `recover.cpus_per_worker`. So no actor ever
+  GPU and the cluster has GPUs; otherwise CPU actors sized by `executor.cpus_per_worker`. So no actor ever
   waits for a GPU that does not exist.
 - Actors are plain `UnitActor` objects wrapped with `ray.remote(...).options(...)` at submit time. A unit
   goes only to an actor that has started (answered `ready`), one unit in flight per actor.
-- A unit that raises is retried up to `recover.max_attempts` times. An actor that dies (crash, `ray.kill`,
+- A unit that raises is retried up to `executor.max_attempts` times. An actor that dies (crash, `ray.kill`,
   OOM kill, lost node) is replaced by a fresh one and its unit requeued, counting an attempt.
 - Stages are found inside actors by reference: the registry name (`get_stage`) for pipeline stages,
   `module:attr` for any other stage object bound to a module-level name (see `stage_ref`).
@@ -33,7 +33,7 @@ from typing import Any
 import ray
 from ray import exceptions as rex
 
-from pipeline.config import Config, RayConfig
+from pipeline.config import Config, ExecutorConfig
 from pipeline.stages import get_stage
 from pipeline.stages.base import Outcome, RunContext, Stage, Unit, execute
 from workers import in_ray_job
@@ -55,7 +55,7 @@ ACTOR_LOST_ERRORS: tuple[type[BaseException], ...] = (
 
 # --------------------------------------------------------------------------------------------- connection
 
-def connect_ray(ray_cfg: RayConfig) -> bool:
+def connect_ray(ray_cfg: ExecutorConfig) -> bool:
     """Make sure this process is connected to Ray; return True when it started a local cluster itself.
 
     Order: an already initialised Ray (e.g. inside a task or a previous call) is used as it is; then
@@ -210,11 +210,11 @@ def plan_actors(stage: Stage, cfg: Config, num_units: int, cluster: dict[str, fl
                 max_node_cpus: float | None = None) -> ActorPlan:
     """Decide the actors from the cluster's resources, before creating any.
 
-    GPU actors (one GPU each, one per GPU, capped by `recover.num_workers`) only when the stage needs a GPU
-    and the cluster has one; otherwise CPU actors with `recover.cpus_per_worker` cores each, as many as fit
-    in the cluster (or `recover.num_workers`, capped to what fits). Never more actors than units.
+    GPU actors (one GPU each, one per GPU, capped by `executor.num_workers`) only when the stage needs a GPU
+    and the cluster has one; otherwise CPU actors with `executor.cpus_per_worker` cores each, as many as fit
+    in the cluster (or `executor.num_workers`, capped to what fits). Never more actors than units.
     """
-    rc = cfg.recover
+    rc = cfg.executor
     cpus = float(cluster.get("CPU", 0.0))
     gpus = int(cluster.get("GPU", 0.0))
     node_cpus = cpus if max_node_cpus is None else max_node_cpus
@@ -227,13 +227,13 @@ def plan_actors(stage: Stage, cfg: Config, num_units: int, cluster: dict[str, fl
         return ActorPlan(count=count, num_cpus=per, num_gpus=1, threads=max(1, int(per or 1)))
     per = float(rc.cpus_per_worker)
     if node_cpus and per > node_cpus:
-        log.warning("recover.cpus_per_worker=%d exceeds the largest node (%g CPUs); using %g",
+        log.warning("executor.cpus_per_worker=%d exceeds the largest node (%g CPUs); using %g",
                     rc.cpus_per_worker, node_cpus, node_cpus)
         per = node_cpus
     fit = max(1, int(cpus // per)) if cpus else 1
     wanted = rc.num_workers or fit
     if wanted > fit:
-        log.warning("recover.num_workers=%d actors of %g CPUs do not fit in %g CPUs; using %d",
+        log.warning("executor.num_workers=%d actors of %g CPUs do not fit in %g CPUs; using %d",
                     wanted, per, cpus, fit)
     return ActorPlan(count=min(wanted, fit, units), num_cpus=per, num_gpus=0, threads=max(1, int(per)))
 
@@ -248,7 +248,7 @@ class RayExecutor:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.max_attempts = max(1, cfg.recover.max_attempts)
+        self.max_attempts = max(1, cfg.executor.max_attempts)
         self._owns_cluster = False
         self._connected = False
         self._actors: list[Any] = []  # live actor handles of the stage now running
@@ -260,7 +260,7 @@ class RayExecutor:
         """Join or start the Ray cluster (idempotent)."""
         if self._connected and ray.is_initialized():
             return
-        self._owns_cluster = connect_ray(self.cfg.ray) or self._owns_cluster
+        self._owns_cluster = connect_ray(self.cfg.executor) or self._owns_cluster
         self._connected = True
 
     def close(self) -> None:
@@ -421,7 +421,7 @@ def _lost_outcome(unit: Unit, attempt: int, exc: BaseException, max_attempts: in
         s in text.lower() for s in ("node_out_of_memory", "running low on memory", "out of memory"))
     if oom:
         head = (f"out of memory: the actor was killed while running unit {unit.key} (attempt {attempt}); {retry}. "
-                "Use fewer or smaller units per actor, or raise recover.cpus_per_worker to give each actor more "
+                "Use fewer or smaller units per actor, or raise executor.cpus_per_worker to give each actor more "
                 "of the node")
     else:
         head = f"actor died while running unit {unit.key} (attempt {attempt}); {retry}"

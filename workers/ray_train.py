@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, RayConfig
+from pipeline.config import Config, ExecutorConfig
 from workers import use_ray
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def launch_ray_train(
 
     from workers.ray_executor import connect_ray
 
-    owns = connect_ray(RayConfig())
+    owns = connect_ray(ExecutorConfig())
     tmp = None
     try:
         cluster = ray.cluster_resources()
@@ -134,7 +134,7 @@ def launch_ddp(
 
         from workers.ray_executor import connect_ray
 
-        owns = connect_ray(cfg.ray)
+        owns = connect_ray(cfg.executor)
         try:
             gpus = int(ray.cluster_resources().get("GPU", 0))
             num_workers = num_workers or max(1, gpus)  # 0 = one worker per GPU of the cluster
