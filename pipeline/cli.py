@@ -27,7 +27,8 @@ Configuration keys (--set section.key=value, values parsed as YAML scalars):
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill", description="Distill an image-classification data set into a few "
-                                "synthetic images per class (SRe2L / DWA), resumably, on one machine or a Ray cluster.")
+                                "synthetic or selected images per class (SRe2L, DWA and other methods: `distill methods`), resumably, on one "
+                                "machine or a Ray cluster.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -35,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
                        epilog=EPILOG_RUN + describe())
     src = r.add_mutually_exclusive_group()
     src.add_argument("--recipe", help="named recipe (default: demo); see `distill recipes`")
-    src.add_argument("--config", help="YAML file with sections seed/data/squeeze/recover/relabel/train/eval/ray "
+    src.add_argument("--config", help="YAML file with sections seed/data/squeeze/recover/relabel/train/eval/executor "
                      "(an optional top-level `recipe:` names the base)")
     r.add_argument("--run-dir", default=None, help="run directory (default: runs/<recipe>)")
     r.add_argument("--data-dir", default=None, help="ImageNet-layout folder (train/<class>/*, val/<class>/*); "
@@ -55,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
                         "official code")
     rp.add_argument("name", nargs="?", help="a recipe name: print its description and every setting that differs "
                     "from the official code")
+
+    m = sub.add_parser("methods", help="list the recover methods: what each does and needs, and its config keys")
+    m.add_argument("name", nargs="?", help="show only this method")
 
     c = sub.add_parser("collect", help="results table from the manifests of one or many runs")
     c.add_argument("runs", nargs="+", help="run directories or glob patterns")
@@ -116,6 +120,30 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from pipeline.methods import get_method, registry
+
+    try:
+        methods = [get_method(args.name)] if args.name else sorted(registry().values(), key=lambda m: m.name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for m in methods:
+        kind = "makes all IPC images of a class together" if m.whole_class else "units split classes and IPC"
+        print(f"{m.name}: {m.description}")
+        print(f"  needs: {m.needs.describe()}; default init: {m.default_init}; {kind}")
+        fields = m.config_fields()
+        if fields:
+            print(f"  keys (recover.{m.config_key}.*):")
+            for key, default, doc in fields:
+                print(f"    {key} = {default!r}  # {doc}")
+        else:
+            print("  keys: none of its own")
+        print()
+    print("Shared keys: recover.method, recover.ipc, recover.init, recover.classes_per_shard, recover.ipc_per_unit, "
+          "recover.amp, recover.channels_last (see `distill run --help`).")
+    return 0
+
+
 def _cmd_collect(args: argparse.Namespace) -> int:
     from manifests.collect import collect_main
 
@@ -128,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from pipeline.runner import StageFailed
 
-    handlers = {"run": _cmd_run, "status": _cmd_status, "recipes": _cmd_recipes, "collect": _cmd_collect}
+    handlers = {"run": _cmd_run, "status": _cmd_status, "recipes": _cmd_recipes, "methods": _cmd_methods,
+                "collect": _cmd_collect}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

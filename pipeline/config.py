@@ -95,28 +95,39 @@ class SqueezeConfig:
 
 
 @dataclass
-class RecoverConfig:
-    """Synthesis (or selection) of IPC images per class."""
+class RecoverCommon:
+    """Synthesis (or selection) of IPC images per class: the settings every method shares."""
 
     method: str = _f("dwa", "recover method (see `distill methods`)")
     ipc: int = _f(10, "images per class")
-    iterations: int = _f(1000, "optimization iterations per batch (SRe2L / DWA)")
-    lr: float = _f(0.25, "Adam learning rate on the normalized pixels (cosine to 0)")
-    r_bn: float = _f(0.01, "weight of the BatchNorm-statistics loss")
-    r_var: float = _f(2.0, "weight of the variance term inside the BN loss (SRe2L 1, DWA ImageNet 2, small 11)")
-    first_bn_multiplier: float = _f(10.0, "extra weight of the first BN layer's term")
-    jitter: int = _f(4, "roll by randint(0, jitter) px per axis each iteration (official: 32 at 224 px, 4 below)")
-    crop: bool = _f(True, "random-resized crop each iteration (official CIFAR recover: none, roll only)")
-    flip: bool = _f(True, "random horizontal flip each iteration (official CIFAR recover: none)")
-    crop_scale_min: float = _f(0.08, "smallest area fraction of the random-resized crop")
-    init: str = _f("auto", "initial images: auto (dwa: real, sre2l: noise) | real | noise")
-    dwa_steps: int = _f(12, "DWA: K normalized ascent steps on the teacher's weights")
-    dwa_rho: float = _f(15e-3, "DWA: total radius of the weight perturbation")
-    dwa_batch_size: int = _f(0, "DWA: size of the real subset B (0 = the synthesis batch: one image per class)")
+    init: str = _f("auto", "initial images: auto (the method's default) | real | noise")
     classes_per_shard: int = _f(0, "classes per unit and per synthesis batch (0 = min(100, classes))")
-    ipc_per_unit: int = _f(10, "images per class in one unit of work")
+    ipc_per_unit: int = _f(10, "images per class in one unit of work (methods that make a class's images "
+                           "together take all IPC in one unit)")
     amp: str = _f("bf16", "bf16 | none: autocast on GPU (CPU is always fp32)")
     channels_last: bool = _f(True, "channels_last memory format on GPU")
+
+
+def _recover_config() -> type:
+    """`RecoverConfig`: the shared settings plus one nested section per registered method with a config.
+
+    Built from the methods registry, so a new method file adds its `recover.<name>.*` keys, its choice of
+    `recover.method` and its documentation without touching this module.
+    """
+    from pipeline.methods import registry
+
+    extra = []
+    for m in registry().values():
+        if m.config_cls is not None:
+            extra.append((m.config_key, m.config_cls,
+                          field(default_factory=m.config_cls, metadata={"method": m.name, "doc": m.description})))
+    cls = dataclasses.make_dataclass("RecoverConfig", extra, bases=(RecoverCommon,))
+    cls.__module__, cls.__qualname__ = __name__, "RecoverConfig"  # picklable by name (Ray actors)
+    cls.__doc__ = RecoverCommon.__doc__
+    return cls
+
+
+RecoverConfig = _recover_config()
 
 
 @dataclass
@@ -180,6 +191,13 @@ LEGACY_KEYS: dict[str, str] = {
 }
 
 
+LEGACY_RECOVER_KEYS: dict[str, str] = {
+    **{k: k for k in ("iterations", "lr", "r_bn", "r_var", "first_bn_multiplier", "jitter", "crop", "flip",
+                      "crop_scale_min")},
+    "dwa_steps": "steps", "dwa_rho": "rho", "dwa_batch_size": "batch_size",
+}
+
+
 @dataclass
 class Config:
     """The whole run configuration."""
@@ -187,7 +205,7 @@ class Config:
     seed: int = _f(0, "run seed: every unit is seeded from (seed, stage, unit key)")
     data: DataConfig = field(default_factory=DataConfig)
     squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)
-    recover: RecoverConfig = field(default_factory=RecoverConfig)
+    recover: RecoverConfig = field(default_factory=RecoverConfig)  # type: ignore[valid-type]
     relabel: RelabelConfig = field(default_factory=RelabelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -208,11 +226,17 @@ class Config:
             section, key = name.split(".", 1)
             return {key: getattr(getattr(self, section), key)}
         sec = getattr(self, name)
-        return {
-            f.name: getattr(sec, f.name)
-            for f in dataclasses.fields(sec)
-            if f.metadata.get("hash", True) is True
-        }
+        out = {}
+        for f in dataclasses.fields(sec):
+            if f.metadata.get("hash", True) is not True:
+                continue
+            value = getattr(sec, f.name)
+            if "method" in f.metadata:  # a method's own section counts only when that method is chosen
+                if f.metadata["method"] != sec.method:
+                    continue
+                value = dataclasses.asdict(value)
+            out[f.name] = value
+        return out
 
 
 _HINTS = typing.get_type_hints(Config)
@@ -222,7 +246,6 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.loader": ("auto", "pil", "dali"),
     "squeeze.optimizer": ("sgd", "sgd-nesterov", "adamw"),
     "train.optimizer": ("adamw", "sgd", "sgd-nesterov"),
-    "recover.method": ("sre2l", "dwa", "random-real"),
     "recover.init": ("auto", "real", "noise"),
     "recover.amp": ("bf16", "none"),
     "relabel.mode": ("stored", "online"),
@@ -231,7 +254,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 _POSITIVE = (
     "data.resolution", "data.shard_size", "squeeze.epochs", "squeeze.batch_size", "recover.ipc",
-    "recover.iterations", "recover.ipc_per_unit", "recover.dwa_steps",
+    "recover.ipc_per_unit",
     "executor.max_attempts", "executor.cpus_per_worker", "relabel.images_per_unit", "relabel.batch_size",
     "train.epochs", "train.batch_size", "eval.batch_size",
 )
@@ -272,17 +295,40 @@ def _coerce(key: str, value: Any, expected: Any) -> Any:
 
 
 def _apply_section(section_obj: Any, section: str, values: dict[str, Any]) -> None:
+    """Set `values` on a section; a nested section (a method's `recover.<name>`) takes a mapping or dotted keys."""
     hints = typing.get_type_hints(type(section_obj))
     names = [f.name for f in dataclasses.fields(section_obj)]
     for key, value in values.items():
-        if key not in names:
-            raise ConfigError(f"unknown config key '{section}.{key}'{_closest(key, names)}")
-        setattr(section_obj, key, _coerce(f"{section}.{key}", value, hints[key]))
+        head, _, rest = key.partition(".")
+        if head not in names:
+            raise ConfigError(f"unknown config key '{section}.{key}'{_closest(head, names)}")
+        nested = getattr(section_obj, head)
+        if dataclasses.is_dataclass(nested):
+            if rest:
+                value = {rest: value}
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{section}.{head}' is a section: set its keys "
+                                  f"('{section}.{head}.<key>=...') or give a mapping, not {value!r}")
+            _apply_section(nested, f"{section}.{head}", value)
+        elif rest:
+            raise ConfigError(f"config key '{section}.{head}' has no sub-keys (got '{section}.{key}')")
+        else:
+            setattr(section_obj, key, _coerce(f"{section}.{key}", value, hints[key]))
 
 
 def _upgrade_legacy(data: dict[str, Any], source: str) -> dict[str, Any]:
     """A copy of `data` with the keys of earlier versions (`LEGACY_KEYS`) moved to their new place."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    rec = out.get("recover")
+    if isinstance(rec, dict):  # flat SRe2L / DWA keys of earlier versions -> recover.<method>.<key>
+        for old, new in LEGACY_RECOVER_KEYS.items():
+            if old in rec:
+                value = rec.pop(old)
+                for method in (("dwa",) if old.startswith("dwa_") else ("sre2l", "dwa")):
+                    sub = rec.setdefault(method, {})
+                    if isinstance(sub, dict):
+                        sub.setdefault(new, value)
+                log.warning("%s: config key 'recover.%s' is now 'recover.<method>.%s'", source, old, new)
     for old, new in LEGACY_KEYS.items():
         osec, okey = old.split(".")
         nsec, nkey = new.split(".")
@@ -342,6 +388,24 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
+def _validate_method(cfg: Config) -> None:
+    """`recover.method` is registered; the chosen method's own section passes its checks."""
+    from pipeline.methods import registry
+
+    methods = registry()
+    name = cfg.recover.method
+    if name not in methods:
+        raise ConfigError(f"config key 'recover.method': unknown method '{name}'{_closest(name, list(methods))}; "
+                          "`distill methods` lists them")
+    method = methods[name]
+    section = getattr(cfg.recover, method.config_key, None) if method.config_cls else None
+    if section is not None and hasattr(section, "validate"):
+        try:
+            section.validate()
+        except ValueError as exc:
+            raise ConfigError(f"config section 'recover.{method.config_key}': {exc}") from None
+
+
 def validate(cfg: Config) -> Config:
     """Value checks that types alone cannot express."""
     for dotted, choices in _CHOICES.items():
@@ -364,8 +428,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"config key 'data.std' must be > 0 in every channel, got {cfg.data.std}")
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"config key 'data.val_fraction' must be in (0, 1), got {cfg.data.val_fraction}")
-    if not 0.0 < cfg.recover.crop_scale_min <= 1.0 or not 0.0 < cfg.train.crop_scale_min <= 1.0:
-        raise ConfigError("config keys '*.crop_scale_min' must be in (0, 1]")
+    if not 0.0 < cfg.train.crop_scale_min <= 1.0:
+        raise ConfigError(f"config key 'train.crop_scale_min' must be in (0, 1], got {cfg.train.crop_scale_min}")
+    _validate_method(cfg)
     for sec in ("squeeze", "train"):
         sc = getattr(cfg, sec)
         if not 0 <= sc.warmup_epochs < sc.epochs:
@@ -396,14 +461,22 @@ def config_from_json(path: Path) -> Config:
 
 
 def describe() -> str:
-    """Every key with its type and default, for --help and the README."""
-    lines = ["seed: int = 0"]
+    """Every key with its type, default and documentation, for --help and the README."""
+    lines = ["seed: int = 0  # run seed: every unit is seeded from (seed, stage, unit key)"]
     cfg = Config()
-    for name in SECTIONS:
-        sec = getattr(cfg, name)
+
+    def walk(prefix: str, sec: Any) -> None:
         hints = typing.get_type_hints(type(sec))
         for f in dataclasses.fields(sec):
-            tname = getattr(hints[f.name], "__name__", str(hints[f.name]))
+            value = getattr(sec, f.name)
             doc = f.metadata.get("doc", "")
-            lines.append(f"{name}.{f.name}: {tname} = {getattr(sec, f.name)!r}" + (f"  # {doc}" if doc else ""))
+            if dataclasses.is_dataclass(value):
+                lines.append(f"{prefix}.{f.name}: section  # {doc}" if doc else f"{prefix}.{f.name}: section")
+                walk(f"{prefix}.{f.name}", value)
+                continue
+            tname = getattr(hints[f.name], "__name__", str(hints[f.name]))
+            lines.append(f"{prefix}.{f.name}: {tname} = {value!r}" + (f"  # {doc}" if doc else ""))
+
+    for name in SECTIONS:
+        walk(name, getattr(cfg, name))
     return "\n".join(lines)

@@ -42,6 +42,16 @@ def _describe(make: Callable[[], Config], summary: str, method: str, specific: l
     make.__doc__ = summary + "\n\nDifferences from the official code:\n" + "\n".join(f"- {d}" for d in diffs)
 
 
+def _synthesis(cfg: Config, methods: tuple[str, ...] = (), **values: object) -> None:
+    """Set SRe2L / DWA recover values on the sections of `methods` (default: the chosen method); keys a
+    section does not have (DWA's for SRe2L) are skipped."""
+    for name in methods or (cfg.recover.method,):
+        section = getattr(cfg.recover, name.replace("-", "_"))
+        for key, value in values.items():
+            if hasattr(section, key):
+                setattr(section, key, value)
+
+
 def _demo() -> Config:
     """Bundled handwritten digits (scikit-learn), 32 px, ConvNet teacher and student, DWA IPC 10.
 
@@ -56,10 +66,9 @@ def _demo() -> Config:
     cfg.data.shard_size = 256
     sq = cfg.squeeze
     sq.arch, sq.epochs, sq.batch_size, sq.lr, sq.optimizer = "convnet", 8, 64, 0.02, "sgd-nesterov"
-    r = cfg.recover
-    r.method, r.ipc, r.iterations, r.jitter = "dwa", 10, 300, 4
-    r.r_var, r.dwa_steps, r.dwa_rho = 11.0, 12, 15e-3
-    r.ipc_per_unit = 5
+    cfg.recover.method, cfg.recover.ipc, cfg.recover.ipc_per_unit = "dwa", 10, 5
+    # Both synthesis sections get the demo's short settings, so `--set recover.method=sre2l` stays a demo.
+    _synthesis(cfg, ("sre2l", "dwa"), iterations=300, jitter=4, r_var=11.0, steps=12, rho=15e-3)
     cfg.relabel.mode = "stored"
     t = cfg.train
     t.arch, t.epochs, t.batch_size, t.temperature = "convnet", 300, 64, 20.0
@@ -78,11 +87,9 @@ def _imagenet(method: str, ipc: int) -> Callable[[], Config]:
         cfg.squeeze.arch = "resnet18"
         cfg.squeeze.weights = "ResNet18_Weights.IMAGENET1K_V1"
         r = cfg.recover
-        r.method, r.ipc, r.jitter, r.lr, r.r_bn = method, ipc, 32, 0.25, 0.01
-        r.iterations = 2000 if method == "dwa" else 4000
-        r.r_var = 2.0 if method == "dwa" else 1.0
-        r.dwa_steps, r.dwa_rho = 15, 15e-3
-        r.classes_per_shard, r.ipc_per_unit = 100, 10
+        r.method, r.ipc, r.classes_per_shard, r.ipc_per_unit = method, ipc, 100, 10
+        _synthesis(cfg, jitter=32, lr=0.25, r_bn=0.01, iterations=2000 if method == "dwa" else 4000,
+                   r_var=2.0 if method == "dwa" else 1.0, steps=15, rho=15e-3)
         # SRe2L relabels offline (FKD files, 300 epochs of views); DWA runs the teacher online (train_KD.py).
         cfg.relabel.mode = "stored" if method == "sre2l" else "online"
         cfg.relabel.top_k = 0
@@ -110,12 +117,13 @@ def _tiny(method: str, ipc: int) -> Callable[[], Config]:
         sq.weight_decay, sq.warmup_epochs = 1e-4, 5
         sq.epochs = 50 if method == "sre2l" else 100
         r = cfg.recover
-        r.method, r.ipc, r.lr, r.jitter, r.crop, r.flip = method, ipc, 0.1, 4, True, True
+        r.method, r.ipc, r.ipc_per_unit = method, ipc, 10
+        r.classes_per_shard = 100 if method == "sre2l" else 200
+        _synthesis(cfg, lr=0.1, jitter=4, crop=True, flip=True, steps=12, rho=15e-3)
         if method == "sre2l":
-            r.iterations, r.r_bn, r.r_var, r.classes_per_shard = 4000, 1.0, 1.0, 100
+            _synthesis(cfg, iterations=4000, r_bn=1.0, r_var=1.0)
         else:
-            r.iterations, r.r_bn, r.r_var, r.classes_per_shard = 2000, 0.01, 11.0, 200
-        r.dwa_steps, r.dwa_rho, r.ipc_per_unit = 12, 15e-3, 10
+            _synthesis(cfg, iterations=2000, r_bn=0.01, r_var=11.0)
         cfg.relabel.mode = "online"
         t = cfg.train
         t.arch, t.optimizer, t.lr, t.weight_decay, t.decay_1d = "resnet18", "sgd", 0.2, 1e-4, True
@@ -154,11 +162,10 @@ def _cifar(classes: int, method: str, ipc: int) -> Callable[[], Config]:
         sq.arch, sq.weights, sq.epochs, sq.batch_size, sq.optimizer = "resnet18", "", 200, 128, "sgd"
         sq.lr, sq.weight_decay, sq.warmup_epochs = 0.1, 5e-4, 0
         r = cfg.recover
-        r.method, r.ipc, r.iterations, r.lr, r.r_bn, r.jitter = method, ipc, 1000, 0.25, 0.01, 4
-        r.crop, r.flip = False, False  # the official CIFAR recover only rolls
-        r.r_var = 11.0 if method == "dwa" else 1.0
-        r.dwa_steps, r.dwa_rho = 12, 15e-3
-        r.classes_per_shard, r.ipc_per_unit = min(100, classes), 10
+        r.method, r.ipc, r.classes_per_shard, r.ipc_per_unit = method, ipc, min(100, classes), 10
+        _synthesis(cfg, iterations=1000, lr=0.25, r_bn=0.01, jitter=4,
+                   crop=False, flip=False,  # the official CIFAR recover only rolls
+                   r_var=11.0 if method == "dwa" else 1.0, steps=12, rho=15e-3)
         cfg.relabel.mode = "online"
         t = cfg.train  # relabel_cifar.py / validation_cifar.py: AdamW 1e-3 / 0.01 on all params, T 30, Mixup 0.8
         t.arch, t.epochs, t.batch_size, t.optimizer = "resnet18", 400, 128, "adamw"

@@ -51,7 +51,7 @@ def image_folder(tmp_path: Path) -> Path:
 
 # Small settings for stage tests: every stage runs in seconds on 2 cores.
 FAST = [
-    "squeeze.epochs=1", "recover.iterations=4", "recover.ipc=2", "recover.ipc_per_unit=1",
+    "squeeze.epochs=1", "recover.dwa.iterations=4", "recover.sre2l.iterations=4", "recover.ipc=2", "recover.ipc_per_unit=1",
     "recover.classes_per_shard=5", "train.epochs=2", "train.batch_size=8", "relabel.images_per_unit=10",
     "data.num_workers=0", "executor.kind=local",
 ]

@@ -29,7 +29,7 @@ def test_unknown_key_names_closest():
 def test_wrong_type_names_key_and_type():
     with pytest.raises(ConfigError, match=r"'recover\.ipc': expected int, got 'ten'"):
         load_config("demo", overrides=["recover.ipc=ten"])
-    with pytest.raises(ConfigError, match=r"'recover\.method': 'foo' is not one of"):
+    with pytest.raises(ConfigError, match=r"'recover\.method': unknown method 'foo'.*distill methods"):
         load_config("demo", overrides=["recover.method=foo"])
     with pytest.raises(ConfigError, match=r"recover\.ipc' must be > 0"):
         load_config("demo", overrides=["recover.ipc=0"])
@@ -52,7 +52,7 @@ def test_unknown_recipe():
 
 def test_hashes_chain_downstream_only():
     base = compute_hashes(load_config("demo"))
-    changed = compute_hashes(load_config("demo", overrides=["recover.iterations=7"]))
+    changed = compute_hashes(load_config("demo", overrides=["recover.dwa.iterations=7"]))
     assert changed["ingest"] == base["ingest"] and changed["squeeze"] == base["squeeze"]
     for stage in ("recover", "relabel", "train", "evaluate"):
         assert changed[stage] != base[stage]
@@ -124,11 +124,12 @@ def test_every_recipe_loads_and_official_ones_name_their_differences(capsys):
         if name != "demo":
             assert recipe_differences(name), name
         if name.startswith("cifar"):
-            assert not cfg.recover.crop and not cfg.recover.flip  # the official CIFAR recover only rolls
+            m = getattr(cfg.recover, cfg.recover.method)
+            assert not m.crop and not m.flip  # the official CIFAR recover only rolls
             assert cfg.squeeze.epochs == 200 and cfg.train.epochs == 400 and cfg.train.temperature == 30.0
         if name.startswith("tiny"):
             assert cfg.data.mean == [0.4802, 0.4481, 0.3975] and cfg.train.loss_t2
-    assert load_config("tiny-imagenet-rn18-ipc50-sre2l").recover.r_bn == 1.0  # SRe2L's Tiny recover script
+    assert load_config("tiny-imagenet-rn18-ipc50-sre2l").recover.sre2l.r_bn == 1.0  # SRe2L's Tiny recover script
     assert load_config("tiny-imagenet-rn18-ipc50-dwa").recover.classes_per_shard == 200
     assert load_config("cifar100-rn18-ipc10-dwa").data.mean == [0.5071, 0.4867, 0.4408]
     assert load_config("cifar100-rn18-ipc10-sre2l").data.mean == [0.4914, 0.4822, 0.4465]  # SRe2L's own choice
@@ -143,3 +144,32 @@ def test_any_torchvision_model_name_is_accepted_and_a_typo_is_named():
     assert cfg.train.arch == "mobilenet_v3_small"
     with pytest.raises(ConfigError, match=r"train\.arch.*resnet81.*resnet18"):
         load_config("demo", overrides=["train.arch=resnet81"])
+
+
+def test_method_sections_are_nested_typed_and_hashed_only_when_chosen(caplog):
+    cfg = load_config("demo", overrides=["recover.dwa.steps=15", "recover.sre2l.iterations=9"])
+    assert cfg.recover.dwa.steps == 15 and cfg.recover.sre2l.iterations == 9
+    base = compute_hashes(load_config("demo"))
+    # The demo runs DWA: SRe2L's own section does not touch its hashes; DWA's does.
+    assert compute_hashes(load_config("demo", overrides=["recover.sre2l.iterations=9"]))["recover"] == base["recover"]
+    assert compute_hashes(load_config("demo", overrides=["recover.dwa.steps=15"]))["recover"] != base["recover"]
+    with pytest.raises(ConfigError, match=r"recover\.dwa\.stepz.*did you mean 'steps'"):
+        load_config("demo", overrides=["recover.dwa.stepz=3"])
+    with pytest.raises(ConfigError, match=r"'recover\.dwa' is a section"):
+        load_config("demo", overrides=["recover.dwa=3"])
+    with pytest.raises(ConfigError, match=r"recover\.dwa.*steps must be > 0"):
+        load_config("demo", overrides=["recover.dwa.steps=0"])
+    # Keys of earlier versions still load, with a warning naming the new place.
+    old = load_config("demo", overrides=["recover.iterations=7", "recover.dwa_steps=5", "ray.executor=local",
+                                         "recover.max_attempts=4"])
+    assert old.recover.dwa.iterations == 7 and old.recover.sre2l.iterations == 7 and old.recover.dwa.steps == 5
+    assert old.executor.kind == "local" and old.executor.max_attempts == 4
+    assert "is now" in caplog.text
+
+
+def test_help_documents_every_key():
+    from pipeline.config import describe
+
+    lines = describe().splitlines()
+    assert any(line.startswith("recover.dwa.rho: float = 0.015  # ") for line in lines)
+    assert all("  # " in line for line in lines), [line for line in lines if "  # " not in line]

@@ -130,7 +130,7 @@ def test_submit_sh_builds_command() -> None:
 
 JOB_ENV = {"excludes": JOB_EXCLUDES, "env_vars": {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}}
 # 10 demo classes in shards of 5 x IPC 4, one image per unit -> 8 recover units of a few seconds each.
-SLOW_RECOVER = ["recover.iterations=60", "recover.ipc=8", "recover.ipc_per_unit=1", "recover.classes_per_shard=5"]
+SLOW_RECOVER = ["recover.dwa.iterations=60", "recover.ipc=8", "recover.ipc_per_unit=1", "recover.classes_per_shard=5"]
 SLOW_RECOVER_UNITS = 16  # seconds of work remain after the first record, whatever the machine's load
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 

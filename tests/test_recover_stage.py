@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES, IPC, PER_SHARD = 10, 2, 5
 UNITS = [unit_key(c0, c0 + PER_SHARD, i, i + 1) for c0 in (0, 5) for i in range(IPC)]
 KEY_RE = re.compile(r"^c(\d{4})-(\d{4})_ipc(\d{3})-(\d{3})$")
-RESUME_ITERS = "recover.iterations=40"  # units take a moment: long enough to kill the driver mid-stage
+RESUME_ITERS = "recover.dwa.iterations=40"  # units take a moment: long enough to kill the driver mid-stage
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -246,8 +246,8 @@ def test_unit_records_carry_loss_terms(runs, method):
             assert isinstance(m[k], float) and math.isfinite(m[k]), (k, m)
         assert m["loss_ce"] > 0 and m["loss_bn"] > 0
         # the logged terms are the parts of the optimized loss: total = ce + r_bn * bn
-        assert m["loss_total"] == pytest.approx(m["loss_ce"] + cfg.recover.r_bn * m["loss_bn"], rel=1e-4)
-        assert m["image_iterations"] == m["images"] * cfg.recover.iterations == 5 * 4
+        assert m["loss_total"] == pytest.approx(m["loss_ce"] + getattr(cfg.recover, method).r_bn * m["loss_bn"], rel=1e-4)
+        assert m["image_iterations"] == m["images"] * getattr(cfg.recover, method).iterations == 5 * 4
         assert m["device"] == "cpu" and m["seconds"] > 0
         if method == "dwa":
             # One class-balanced real subset serves all K ascent steps, so ||delta|| reaches rho
@@ -258,18 +258,19 @@ def test_unit_records_carry_loss_terms(runs, method):
 
 
 def test_dwa_subset_is_class_balanced_fresh_per_batch_and_seeded(teacher_run, tmp_path):
-    ctx = open_context(fast_config("recover.dwa_batch_size=10"), clone_run(teacher_run, tmp_path / "run"))
-    worker = RecoverWorker(ctx)
+    ctx = open_context(fast_config("recover.dwa.batch_size=10"), clone_run(teacher_run, tmp_path / "run"))
+    env = RecoverWorker(ctx).env
+    dwa = ctx.config.recover.dwa
     classes = range(5, 10)
-    x, y = worker.dwa_subset(classes, "k", 0)
+    x, y = dwa.subset(env, classes, "k", 0)
     assert x.shape == (10, 3, 32, 32)
     assert sorted(y.tolist()) == [c for c in classes for _ in range(2)]  # 10 / 5 classes = 2 of each
-    again, _ = worker.dwa_subset(classes, "k", 0)
-    other, _ = worker.dwa_subset(classes, "k", 1)
+    again, _ = dwa.subset(env, classes, "k", 0)
+    other, _ = dwa.subset(env, classes, "k", 1)
     assert torch.equal(x, again) and not torch.equal(x, other)
     # The default size is the synthesis batch: one image of each class, as the official batch of real inits.
-    ctx.config.recover.dwa_batch_size = 0
-    _, y1 = worker.dwa_subset(classes, "k", 0)
+    dwa.batch_size = 0
+    _, y1 = dwa.subset(env, classes, "k", 0)
     assert sorted(y1.tolist()) == list(classes)
 
 

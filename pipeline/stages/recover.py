@@ -1,16 +1,16 @@
-"""Recover: synthesize IPC images per class (SRe2L, DWA, or the random-real baseline).
+"""Recover: IPC images per class by a registered method (`pipeline.methods`), over disjoint class shards.
 
-Units are (class shard, IPC range): classes are split into disjoint contiguous shards of
-`recover.classes_per_shard`; each batch holds one image of every class of the shard (the BN
-term compares batch statistics with the teacher's global ones, so a batch must span many
-classes). Every unit is seeded from (run seed, "recover", unit key); DWA subsets come from the
-worker's own classes' real images, afresh for each batch, starting from the clean teacher.
+This stage owns what every method shares: the units (class shard x IPC range, or whole class shards for
+methods that make a class's images together), the worker's environment (device, teacher, real-image pool),
+seeding, PNG encoding, the WebDataset outputs and the image grids. Every unit is seeded from
+(run seed, "recover", unit key), so a unit gives the same bytes on CPU whichever worker runs it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from pipeline.config import ConfigError
-from pipeline.data.shards import IndexedImages, Sample, read_index, write_shard
+from pipeline.data.shards import IndexedImages, Sample, write_shard
 from pipeline.data.synthetic import SYNTHETIC_DIR, decode_rgb, synthetic_index
+from pipeline.methods import get_method
 from pipeline.seeding import generator
 from pipeline.stages.base import RunContext, Stage, Unit, UnitResult
 from pipeline.stages.common import TEACHER, check_file, real_meta, run_teacher
@@ -38,7 +39,14 @@ def unit_key(c0: int, c1: int, i0: int, i1: int) -> str:
 
 
 def resolved_init(method: str, init: str) -> str:
-    return init if init != "auto" else ("real" if method == "dwa" else "noise")
+    """`recover.init`, with auto replaced by the method's default."""
+    return init if init != "auto" else get_method(method).default_init
+
+
+def method_config(ctx: RunContext) -> Any:
+    """The chosen method's own config section (None for a method without one)."""
+    m = get_method(ctx.config.recover.method)
+    return getattr(ctx.config.recover, m.config_key) if m.config_cls is not None else None
 
 
 def encode_png(img: torch.Tensor) -> bytes:
@@ -67,31 +75,33 @@ class RecoverStage(Stage):
 
     def validate(self, ctx: RunContext) -> None:
         r = ctx.config.recover
+        method = get_method(r.method)
         c = real_meta(ctx)["num_classes"]
         if r.ipc <= 0:
             raise ConfigError(f"recover.ipc must be > 0, got {r.ipc}")
         if r.classes_per_shard > c:
             raise ConfigError(f"recover.classes_per_shard={r.classes_per_shard} is more than the {c} classes "
                               "of the data; use at most the class count (0 = min(100, classes))")
-        if r.classes_per_shard < 0 or r.dwa_batch_size < 0:
-            raise ConfigError("recover.classes_per_shard and recover.dwa_batch_size must be >= 0")
-        if self.per_shard(ctx) < 2 and r.method != "random-real":
+        if r.classes_per_shard < 0:
+            raise ConfigError("recover.classes_per_shard must be >= 0")
+        if self.per_shard(ctx) < 2 and method.needs.bn_teacher:
             log.warning("recover: class shards of one class make the BN statistics term meaningless")
-        if r.method != "random-real":
+        if method.needs.teacher:
             check_file(ctx.path(TEACHER), "teacher weights (run the squeeze stage)")
-            teacher = run_teacher(ctx, torch.device("cpu"))
+        if method.needs.bn_teacher:
             from pipeline.models import has_batchnorm
 
-            if not has_batchnorm(teacher):
-                raise ConfigError(f"teacher '{ctx.config.squeeze.arch}' has no BatchNorm2d layers: SRe2L/DWA recover "
-                                  "matches BN statistics and cannot use it")
+            if not has_batchnorm(run_teacher(ctx, torch.device("cpu"))):
+                raise ConfigError(f"teacher '{ctx.config.squeeze.arch}' has no BatchNorm2d layers: recover method "
+                                  f"'{r.method}' matches BN statistics and cannot use it")
 
     def plan(self, ctx: RunContext) -> list[Unit]:
         r = ctx.config.recover
+        step = r.ipc if get_method(r.method).whole_class else r.ipc_per_unit
         units = []
         for c0, c1 in class_shards(real_meta(ctx)["num_classes"], self.per_shard(ctx)):
-            for i0 in range(0, r.ipc, r.ipc_per_unit):
-                i1 = min(i0 + r.ipc_per_unit, r.ipc)
+            for i0 in range(0, r.ipc, step):
+                i1 = min(i0 + step, r.ipc)
                 units.append(Unit(unit_key(c0, c1, i0, i1), {"classes": [c0, c1], "ipc": [i0, i1]}))
         return units
 
@@ -106,142 +116,60 @@ class RecoverStage(Stage):
                 "method": ctx.config.recover.method}
 
 
+def open_env(ctx: RunContext, device: torch.device) -> Any:
+    """The method's environment on this worker: only what the chosen method declared it needs."""
+    from pipeline.methods.env import RealPool, RecoverEnv
+
+    r, data = ctx.config.recover, ctx.config.data
+    method = get_method(r.method)
+    mean, std = tuple(data.mean), tuple(data.std)
+    env = RecoverEnv(seed=ctx.config.seed, device=device, resolution=data.resolution, mean=mean, std=std,
+                     init=resolved_init(r.method, r.init),
+                     amp=torch.bfloat16 if (r.amp == "bf16" and device.type == "cuda") else None,
+                     channels_last=r.channels_last)
+    if method.needs.teacher:
+        env.teacher = run_teacher(ctx, device)
+        if r.channels_last and device.type == "cuda":
+            env.teacher = env.teacher.to(memory_format=torch.channels_last)
+    if method.needs.real_images or env.init == "real":
+        names = real_meta(ctx)["shards"]["train"]
+        env.real = RealPool(ctx.path("real"), [ctx.path("real", f"{n}.parquet") for n in names], ctx.config.seed,
+                            data.resolution, mean, std, device)
+    return env
+
+
 class RecoverWorker:
-    """Holds the teacher (loaded once) and the real-image index of the train split."""
+    """One per actor (or the driver): the method's worker over an environment loaded once."""
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        r = ctx.config.recover
-        self.teacher = run_teacher(ctx, self.device) if r.method != "random-real" else None
-        if self.teacher is not None and r.channels_last and self.device.type == "cuda":
-            self.teacher = self.teacher.to(memory_format=torch.channels_last)
-        names = real_meta(ctx)["shards"]["train"]
-        self.real = IndexedImages(ctx.path("real"), read_index([ctx.path("real", f"{n}.parquet") for n in names]))
-        self.by_class = self.real.rows_of_class()
-        self.res = ctx.config.data.resolution
-        self.mean, self.std = tuple(ctx.config.data.mean), tuple(ctx.config.data.std)
+        self.method = get_method(ctx.config.recover.method)
+        self.env = open_env(ctx, self.device)
+        self.impl = self.method.open(self.env, method_config(ctx))
 
-    # -- real images
-    def real_batch(self, rows: list[int]) -> torch.Tensor:
-        """Normalized real images (resize shorter side + center crop to the resolution)."""
-        from pipeline.synthesis import normalize
-
-        arrays = [_center(decode_rgb(self.real.raw(i)), self.res) for i in rows]
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
-        return normalize(x, self.mean, self.std).to(self.device)
-
-    def class_rows(self, cls: int, purpose: str) -> list[int]:
-        """This class's real rows in a seeded order keyed by (run seed, purpose, class): any unit split agrees."""
-        rows = self.by_class.get(cls, [])
-        if not rows:
-            raise ValueError(f"class {cls} has no real training images in the ingest index")
-        g = generator(self.ctx.config.seed, "recover", purpose, cls)
-        return [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
-
-    def dwa_subset(self, classes: range, key: str, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """DWA's real subset B for batch j of a unit: class-balanced over the unit's classes, fresh per batch.
-
-        B holds `ceil(dwa_batch_size / classes)` images of every class of the unit (default size = the
-        synthesis batch, i.e. one image per class, like the official code's batch of real init images),
-        drawn without replacement where the class has enough images, from a generator keyed by
-        (run seed, "recover", "dwa", unit key, j). The same B serves all K ascent steps.
-        """
-        r = self.ctx.config.recover
-        per_class = max(1, math.ceil((r.dwa_batch_size or len(classes)) / len(classes)))
-        g = generator(self.ctx.config.seed, "recover", "dwa", key, j)
-        rows: list[int] = []
-        for c in classes:
-            pool = self.by_class.get(c, [])
-            if not pool:
-                raise ValueError(f"class {c} has no real training images in the ingest index (needed by DWA)")
-            if per_class <= len(pool):
-                pick = torch.randperm(len(pool), generator=g)[:per_class].tolist()
-            else:
-                pick = torch.randint(len(pool), (per_class,), generator=g).tolist()
-            rows += [pool[i] for i in pick]
-        labels = torch.tensor([self.real.cls[i] for i in rows], dtype=torch.long, device=self.device)
-        return self.real_batch(rows), labels
-
-    # -- one unit
     def run(self, unit: Unit) -> UnitResult:
-        import time
-
-        from pipeline.synthesis import DWAParams, RecoverParams, init_images, synthesize_batch
-
-        ctx, r = self.ctx, self.ctx.config.recover
+        ctx = self.ctx
         c0, c1 = unit.payload["classes"]
         i0, i1 = unit.payload["ipc"]
-        classes = range(c0, c1)
-        targets = torch.tensor(list(classes), dtype=torch.long, device=self.device)
-        gen = generator(ctx.config.seed, "recover", unit.key)
         t0 = time.time()
-        params = RecoverParams(iterations=r.iterations, lr=r.lr, r_bn=r.r_bn, r_var=r.r_var,
-                               first_bn_multiplier=r.first_bn_multiplier, crop_scale=(r.crop_scale_min, 1.0),
-                               jitter=r.jitter, crop=r.crop, flip=r.flip)
-        amp = torch.bfloat16 if (r.amp == "bf16" and self.device.type == "cuda") else None
-        init_kind = resolved_init(r.method, r.init)
-        samples: list[Sample] = []
-        finals: list[dict[str, float]] = []
-        radius: list[torch.Tensor] = []
-        for j in range(i0, i1):
-            if r.method == "random-real" or init_kind == "real":
-                rows = []
-                for c in classes:
-                    order = self.class_rows(c, "real-pick")
-                    rows.append(order[j % len(order)])
-                real = self.real_batch(rows)
-            if r.method == "random-real":
-                from pipeline.synthesis import denormalize
-
-                images = denormalize(real, self.mean, self.std).clamp(0, 1)
-                loss_last = {}
-            else:
-                init = init_images(init_kind, len(targets), self.res, gen, real=real if init_kind == "real" else None,
-                                   device=self.device)
-                dwa = self.dwa_subset(classes, unit.key, j) if r.method == "dwa" else None
-                images, hist = synthesize_batch(
-                    self.teacher, targets, init, params, gen, dwa_batch=dwa,
-                    dwa=DWAParams(steps=r.dwa_steps, rho=r.dwa_rho) if dwa else None,
-                    mean=self.mean, std=self.std, autocast_dtype=amp, channels_last=r.channels_last)
-                if "dwa_delta_norm" in hist:
-                    radius.append(hist.pop("dwa_delta_norm"))
-                tail = max(1, r.iterations // 20)
-                loss_last = {k: float(v[-tail:].mean()) for k, v in hist.items()}  # one sync per batch
-                loss_first = {k: float(v[0]) for k, v in hist.items()}
-                loss_last.update({f"{k}_first": v for k, v in loss_first.items()})
-            finals.append(loss_last)
-            for c, img in zip(classes, images, strict=True):
-                samples.append(Sample(f"c{c:04d}_i{j:04d}", c, encode_png(img), "png",
-                                      {"class": c, "ipc_index": j, "method": r.method, "unit": unit.key}))
+        out = self.impl.run(range(c0, c1), range(i0, i1), generator(ctx.config.seed, "recover", unit.key), unit.key)
+        name = ctx.config.recover.method
+        samples = [Sample(f"c{c:04d}_i{j:04d}", c, encode_png(img), "png",
+                          {"class": c, "ipc_index": j, "method": name, "unit": unit.key})
+                   for img, c, j in zip(out.images, out.classes, out.ipc_index, strict=True)]
         paths = write_shard(ctx.path(SYNTHETIC_DIR), unit.key, samples)
-        metrics: dict[str, Any] = {"images": len(samples), "seconds": round(time.time() - t0, 3),
-                                   "device": self.device.type,
-                                   "image_iterations": 0 if r.method == "random-real" else len(samples) * r.iterations}
-        if radius and r.dwa_rho > 0:
-            # Achieved ||delta|| / rho, mean over the unit's batches (official code: about 0.995).
-            metrics["dwa_radius_ratio"] = round(float(torch.cat(radius).mean()) / r.dwa_rho, 6)
-        if finals and finals[0]:
-            for k in finals[0]:
-                metrics[f"loss_{k}"] = float(np.mean([f[k] for f in finals]))
+        seconds = time.time() - t0
+        metrics: dict[str, Any] = {"images": len(samples), "seconds": round(seconds, 3), "device": self.device.type,
+                                   **out.metrics}
+        metrics.setdefault("image_iterations", 0)
+        if seconds > 0:  # cost per unit, comparable across methods (selection methods: images/s)
+            key = "image_iterations_per_s" if self.method.synthesizes else "images_per_s"
+            metrics[key] = round((metrics["image_iterations"] if self.method.synthesizes else len(samples)) / seconds, 2)
         return UnitResult(outputs=[ctx.ref(p) for p in paths], metrics=metrics)
 
     def close(self) -> None:
-        self.teacher = None
-
-
-def _center(arr: np.ndarray, res: int) -> np.ndarray:
-    """Resize the shorter side to `res` (bilinear) and center-crop res x res."""
-    from PIL import Image
-
-    h, w = arr.shape[:2]
-    if (h, w) == (res, res):
-        return arr
-    scale = res / min(h, w)
-    nh, nw = max(res, round(h * scale)), max(res, round(w * scale))
-    img = Image.fromarray(arr).resize((nw, nh), Image.BILINEAR)
-    top, left = (nh - res) // 2, (nw - res) // 2
-    return np.asarray(img.crop((left, top, left + res, top + res)), dtype=np.uint8)
+        self.env.teacher = None
 
 
 def write_grids(ctx: RunContext, max_cols: int = 10) -> list[str]:

@@ -1,0 +1,83 @@
+"""The recover-method plug-in registry: built-in methods, `distill methods`, and a method added by one file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from manifests.store import ManifestStore
+from pipeline.cli import main
+from pipeline.methods import base, get_method, registry
+from pipeline.methods.base import MethodOutput, Needs, doc_field
+from pipeline.runner import run_pipeline
+from tests.conftest import clone_run, fast_config
+
+
+def test_builtin_methods_declare_needs_configs_and_inits():
+    methods = registry()
+    assert {"sre2l", "dwa", "random-real"} <= set(methods)
+    assert methods["sre2l"].needs.bn_teacher and not methods["sre2l"].needs.real_images
+    assert methods["dwa"].needs.bn_teacher and methods["dwa"].needs.real_images
+    assert not methods["random-real"].needs.teacher and not methods["random-real"].synthesizes
+    assert (methods["sre2l"].default_init, methods["dwa"].default_init) == ("noise", "real")
+    keys = {k for k, _, _ in methods["dwa"].config_fields()}
+    assert {"iterations", "steps", "rho", "batch_size"} <= keys
+    assert all(doc for _, _, doc in methods["dwa"].config_fields())
+    with pytest.raises(ValueError, match="did you mean 'dwa'"):
+        get_method("dwq")
+
+
+def test_distill_methods_lists_every_method_with_its_keys(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("sre2l", "dwa", "random-real"):
+        assert f"{name}: " in out
+    assert "recover.dwa.*" in out and "steps = 12" in out and "rho = 0.015" in out
+    assert main(["methods", "nope"]) == 2
+
+
+def test_registering_a_name_twice_is_refused():
+    with pytest.raises(ValueError, match="registered twice"):
+        base.register("sre2l", description="again")(lambda env, cfg: None)
+
+
+@dataclass
+class _MeanConfig:
+    scale: float = doc_field(1.0, "multiplier of the class mean")
+
+
+class _MeanWorker:
+    """A toy method: every image of a class is its real images' mean (made together: whole_class)."""
+
+    def __init__(self, env, cfg):  # noqa: ANN001 - the plug-in protocol's arguments
+        self.env, self.cfg = env, cfg
+
+    def run(self, classes, ipc, gen, unit_key):  # noqa: ANN001, ANN201
+        pool = self.env.require_real()
+        out = MethodOutput(images=[], classes=[], ipc_index=[], metrics={"toy": 1})
+        for c in classes:
+            x = pool.batch(pool.rows(c)[:4])
+            img = (x * torch.tensor(self.env.std).view(1, 3, 1, 1) + torch.tensor(self.env.mean).view(1, 3, 1, 1))
+            mean = (img.mean(0) * (self.cfg.scale if self.cfg else 1.0)).clamp(0, 1)
+            for j in ipc:
+                out.images.append(mean)
+                out.classes.append(c)
+                out.ipc_index.append(j)
+        return out
+
+
+def test_a_method_added_by_one_registration_runs_through_the_recover_stage(teacher_run, tmp_path, monkeypatch):
+    # What a new method file does: register its open() with a name, needs and flags. (A method registered
+    # before `pipeline.config` is imported also gets its `recover.<name>.*` section; this one has none.)
+    monkeypatch.setitem(base._REGISTRY, "toy-mean", base.Method(
+        name="toy-mean", description="toy", needs=Needs(real_images=True), open=_MeanWorker, whole_class=True,
+        default_init="real", synthesizes=False))
+    run_dir = clone_run(teacher_run, tmp_path / "run")
+    run_pipeline(fast_config("recover.method=toy-mean"), run_dir, stages=["recover"], progress=False)
+    records = ManifestStore(run_dir).records("recover")
+    # whole_class: units split classes only (IPC 2 in one unit), 2 shards of 5 classes.
+    assert sorted(r.unit for r in records) == ["c0000-0004_ipc000-001", "c0005-0009_ipc000-001"]
+    assert all(r.metrics["toy"] == 1 and r.metrics["images"] == 10 and "images_per_s" in r.metrics for r in records)
+    assert (run_dir / "results" / "grids" / "overview.png").is_file()
