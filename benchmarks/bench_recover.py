@@ -92,7 +92,7 @@ def bench_actors() -> None:
     from workers.ray_executor import RayExecutor
 
     with tempfile.TemporaryDirectory() as tmp:
-        base = ["squeeze.epochs=2", "recover.iterations=200", "recover.ipc=4", "recover.ipc_per_unit=1",
+        base = ["squeeze.epochs=2", "recover.dwa.iterations=200", "recover.ipc=4", "recover.ipc_per_unit=1",
                 "executor.kind=ray", "executor.num_cpus=2"]
         cfg = load_config("demo", overrides=base)
         ctx = run_pipeline(cfg, Path(tmp) / "run", stages=["ingest", "squeeze"], progress=False)

@@ -14,6 +14,7 @@ SUMMARY = "results/summary.json"
 
 def protocol(ctx: RunContext) -> dict[str, Any]:
     """The student protocol as run (effective values: top_k resolved from the class count)."""
+    from pipeline.stages.recover import method_config
     from pipeline.stages.relabel import top_k
 
     c, t = ctx.config, ctx.config.train
@@ -25,7 +26,7 @@ def protocol(ctx: RunContext) -> dict[str, Any]:
             "augmentation": f"random-resized-crop(scale {t.crop_scale_min}-1) + flip + {t.mix}"
                             + (f"(alpha {t.mix_alpha})" if t.mix != "none" else ""),
             "relabel_mode": c.relabel.mode, "top_k": top_k(ctx) if c.relabel.mode == "stored" else None,
-            "recover_iterations": c.recover.iterations}
+            "recover_iterations": getattr(method_config(ctx), "iterations", None)}
 
 
 class EvaluateStage(Stage):
