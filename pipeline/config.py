@@ -257,7 +257,23 @@ _POSITIVE = (
     "recover.ipc_per_unit",
     "executor.max_attempts", "executor.cpus_per_worker", "relabel.images_per_unit", "relabel.batch_size",
     "train.epochs", "train.batch_size", "eval.batch_size",
+    "squeeze.lr", "train.lr", "train.temperature", "train.mix_alpha",
 )
+# Counts where 0 has a meaning ("auto", "all", "never") but a negative value has none.
+_NON_NEGATIVE = (
+    "squeeze.weight_decay", "train.weight_decay", "recover.classes_per_shard", "relabel.top_k", "eval.every",
+    "data.num_workers", "squeeze.workers", "train.workers", "executor.num_workers", "executor.num_cpus",
+)
+
+
+def _check_finite(prefix: str, sec: Any) -> None:
+    """No NaN or infinity in any float of a section (nested method sections included)."""
+    for f in dataclasses.fields(sec):
+        value = getattr(sec, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(f"{prefix}.{f.name}", value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{prefix}.{f.name}' must be a finite number, got {value}")
 
 
 def _closest(name: str, options: list[str]) -> str:
@@ -413,11 +429,18 @@ def validate(cfg: Config) -> Config:
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
             raise ConfigError(f"config key '{dotted}': '{value}' is not one of {', '.join(choices)}")
+    for name in SECTIONS:
+        _check_finite(name, getattr(cfg, name))
     for dotted in _POSITIVE:
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
         if value <= 0:
             raise ConfigError(f"config key '{dotted}' must be > 0, got {value}")
+    for dotted in _NON_NEGATIVE:
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value < 0:
+            raise ConfigError(f"config key '{dotted}' must be >= 0, got {value}")
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise ConfigError(f"config key 'data.max_bad_fraction' must be in [0, 1], got {cfg.data.max_bad_fraction}")
     for key in ("mean", "std"):

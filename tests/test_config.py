@@ -173,3 +173,18 @@ def test_help_documents_every_key():
     lines = describe().splitlines()
     assert any(line.startswith("recover.dwa.rho: float = 0.015  # ") for line in lines)
     assert all("  # " in line for line in lines), [line for line in lines if "  # " not in line]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.temperature=0", r"'train\.temperature' must be > 0"),
+    ("train.lr=.nan", r"'train\.lr' must be a finite number"),
+    ("recover.dwa.rho=.inf", r"'recover\.dwa\.rho' must be a finite number"),
+    ("relabel.top_k=-5", r"'relabel\.top_k' must be >= 0"),
+    ("train.mix_alpha=-1", r"'train\.mix_alpha' must be > 0"),
+    ("eval.every=-1", r"'eval\.every' must be >= 0"),
+    ("executor.num_workers=-2", r"'executor\.num_workers' must be >= 0"),
+])
+def test_every_value_is_range_checked_at_load(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("demo", overrides=[override])
+    assert main(["run", "--run-dir", "/nonexistent/never-made", "--set", override]) == 2
