@@ -85,8 +85,8 @@ def demo_logits(run_dir: Path | None, views: int, std: float, top: float) -> tup
     from pipeline.data.synthetic import SYNTHETIC_DIR, load_images
     from pipeline.runner import open_context
     from pipeline.stages.common import real_meta, real_shards, recover_index_paths, run_teacher
-    from pipeline.stages.relabel import view_args
-    from pipeline.student import render_views, view_config
+    from pipeline.stages.relabel import view_spec
+    from pipeline.student import render_views
 
     ctx = open_context(config_from_json(run_dir / "config.json"), run_dir)
     teacher = run_teacher(ctx, torch.device("cpu"))
@@ -97,7 +97,7 @@ def demo_logits(run_dir: Path | None, views: int, std: float, top: float) -> tup
         index = read_index([Path(p).with_suffix(".parquet") for p in real_shards(ctx, "val")])
         images, _ = load_images(ctx.path("real"), index, ctx.config.data.resolution)
         what = "real val"
-    cfg = view_config(view_args(ctx))
+    cfg = view_spec(ctx)
     ids = list(range(len(images)))
     out, epoch = [], 0
     while sum(len(o) for o in out) < views:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def distill(*args: str) -> None:
-    cmd = [sys.executable, "-m", "pipeline.cli", *args]
+    cmd = [sys.executable, "-m", "workers.cli", *args]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
@@ -43,7 +43,7 @@ def main() -> None:
                         f"--set=seed={seed}", f"--set=recover.ipc={ipc}", f"--set=recover.method={method}",
                         f"--set=squeeze.weights={teacher}", *extra)
                 print(f"done {method} ipc {ipc} seed {seed} in {time.time() - t0:.0f}s", flush=True)
-    subprocess.run([sys.executable, "-m", "pipeline.cli", "collect", str(out), "--out", str(out / "results.md")])
+    subprocess.run([sys.executable, "-m", "workers.cli", "collect", str(out), "--out", str(out / "results.md")])
 
 
 if __name__ == "__main__":

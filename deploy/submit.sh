@@ -4,7 +4,7 @@
 #   deploy/submit.sh [--no-wait] [--address URL] [--submission-id ID] [--dry-run] [--] DISTILL_RUN_ARGS...
 #
 # Everything that is not one of the options above goes to `distill run` on the cluster, which is started
-# as `python -m pipeline.cli run ...` so it works from the uploaded working directory even where the
+# as `python -m workers.cli run ...` so it works from the uploaded working directory even where the
 # package is not installed. The run directory must be on storage every node mounts (see deploy/README.md).
 set -euo pipefail
 
@@ -12,7 +12,7 @@ usage() {
   cat <<'USAGE'
 usage: deploy/submit.sh [--no-wait] [--address URL] [--submission-id ID] [--dry-run] [--] DISTILL_RUN_ARGS...
 
-Submits `python -m pipeline.cli run DISTILL_RUN_ARGS...` as a Ray job, uploading this repository as the
+Submits `python -m workers.cli run DISTILL_RUN_ARGS...` as a Ray job, uploading this repository as the
 job's working directory with the runtime environment in deploy/ray/runtime_env.yaml.
 
 options (before the distill arguments):
@@ -60,7 +60,7 @@ fi
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."   # the repository root is the job's working directory
 cmd=("$ray_bin" job submit --address "$address" --working-dir . --runtime-env deploy/ray/runtime_env.yaml
-     ${submit_opts[@]+"${submit_opts[@]}"} -- python -m pipeline.cli run "$@")
+     ${submit_opts[@]+"${submit_opts[@]}"} -- python -m workers.cli run "$@")
 if [[ $dry_run -eq 1 ]]; then
   printf '%q ' "${cmd[@]}"; echo
   exit 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,18 +22,15 @@ class FileRef:
     @staticmethod
     def of(path: Path, root: Path) -> FileRef:
         """Hash `path` (streamed) and express it relative to `root` when inside it."""
+        from manifests.digest import file_digest
+
         path = Path(path)
-        digest = hashlib.sha256()
-        size = 0
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                digest.update(chunk)
-                size += len(chunk)
+        sha, size = file_digest(path)
         try:
             uri = str(path.resolve().relative_to(Path(root).resolve()))
         except ValueError:
             uri = str(path.resolve())
-        return FileRef(uri=uri, sha256=digest.hexdigest(), bytes=size)
+        return FileRef(uri=uri, sha256=sha, bytes=size)
 
 
 @dataclass(frozen=True)

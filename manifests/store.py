@@ -12,7 +12,9 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from manifests.schema import Record
@@ -21,21 +23,35 @@ STAGE_RECORD = "_stage"  # written by the runner once every unit of a stage is d
 _SAFE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and a rename."""
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write the whole file to; renamed onto `path` on success.
+
+    The one way outputs are written: a reader (or a resumed run) sees the old file or the whole new
+    one, never half of one. Give the temporary path to writers that open the file themselves
+    (pyarrow, tarfile, torch.save); on a clean exit of the block it is fsynced and renamed onto
+    `path`, on an error deleted. The name (`.<name>.<pid>.<random>.tmp`, same folder, so the rename
+    stays on one file system) is unique across processes and threads writing the same path.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the data is on disk before the rename makes it visible
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through `atomic_path`."""
+    with atomic_path(path) as tmp, open(tmp, "xb") as fh:
+        fh.write(data)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

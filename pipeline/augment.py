@@ -25,12 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.crops import CROP_RATIO, CROP_SCALE, TorchDraws, random_resized_crop
 from pipeline.seeding import generator
 
 MIX_MODES = ("cutmix", "mixup", "none")
-# Aspect-ratio range of the random-resized crop, as torchvision's RandomResizedCrop default.
-CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-CROP_TRIES = 10
 
 NO_BOX: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
 NO_CUT: tuple[int, int, int, int] = (0, 0, 0, 0)
@@ -48,7 +46,7 @@ class ViewConfig:
     """
 
     resolution: int
-    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_scale: tuple[float, float] = CROP_SCALE
     mix: str = "cutmix"
     mix_alpha: float = 1.0
     mix_prob: float = 1.0
@@ -104,71 +102,52 @@ def _f32(x: float) -> float:
     return float(np.float32(x))
 
 
-def _uniform(g: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> float:
-    u = torch.rand((), generator=g, dtype=torch.float64).item()
-    return lo + (hi - lo) * u
-
-
-def _randint(g: torch.Generator, high: int) -> int:
-    """Uniform integer in [0, high)."""
-    return int(torch.randint(high, (), generator=g).item())
-
-
-def _gamma(g: torch.Generator, alpha: float) -> float:
+def _gamma(draws: TorchDraws, alpha: float) -> float:
     """Gamma(alpha, 1) by Marsaglia-Tsang, from the generator's uniforms and normals only."""
     if alpha < 1.0:
-        u = _uniform(g)
-        return _gamma(g, alpha + 1.0) * u ** (1.0 / alpha)
+        u = draws.uniform()
+        return _gamma(draws, alpha + 1.0) * u ** (1.0 / alpha)
     d = alpha - 1.0 / 3.0
     c = 1.0 / math.sqrt(9.0 * d)
     while True:
-        x = torch.randn((), generator=g, dtype=torch.float64).item()
+        x = torch.randn((), generator=draws.gen, dtype=torch.float64).item()
         v = 1.0 + c * x
         if v <= 0.0:
             continue
         v = v * v * v
-        u = _uniform(g)
+        u = draws.uniform()
         if u < 1.0 - 0.0331 * x**4 or (u > 0.0 and math.log(u) < 0.5 * x * x + d * (1.0 - v + math.log(v))):
             return d * v
 
 
-def _beta(g: torch.Generator, alpha: float) -> float:
+def _beta(d: TorchDraws, alpha: float) -> float:
     """Beta(alpha, alpha) as X / (X + Y) with X, Y ~ Gamma(alpha)."""
-    x = _gamma(g, alpha)
-    y = _gamma(g, alpha)
+    x = _gamma(d, alpha)
+    y = _gamma(d, alpha)
     s = x + y
     if s <= 0.0:  # both underflowed (tiny alpha): the distribution is then almost all at 0 and 1
         return 0.5
     return min(max(x / s, 0.0), 1.0)
 
 
-def _crop_box(g: torch.Generator, scale: tuple[float, float]) -> tuple[float, float, float, float]:
-    """RandomResizedCrop sampling in fractions of a (square) source: (top, left, height, width).
+def _crop_box(d: TorchDraws, scale: tuple[float, float]) -> tuple[float, float, float, float]:
+    """RandomResizedCrop window in fractions of a (square) source: (top, left, height, width).
 
-    As torchvision: target area ~ U(scale), log aspect ratio ~ U(log 3/4, log 4/3), up to 10 tries for a
-    box that fits, the position uniform; otherwise the central crop, which for a square source (the synthetic
-    images) is the whole image. No pixel rounding here; ``render_view`` rounds to the source's pixels.
+    The shared sampler on a 1 x 1 source with fractional offsets; its fallback (the central crop) is
+    then the whole image. No pixel rounding here (``render_view`` rounds to the source's pixels), only
+    the float32 rounding of stored parameters.
     """
-    log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
-    for _ in range(CROP_TRIES):
-        area = _uniform(g, scale[0], scale[1])
-        ratio = math.exp(_uniform(g, log_lo, log_hi))
-        w = math.sqrt(area * ratio)
-        h = math.sqrt(area / ratio)
-        if 0.0 < w <= 1.0 and 0.0 < h <= 1.0:
-            top = _uniform(g, 0.0, 1.0 - h)
-            left = _uniform(g, 0.0, 1.0 - w)
-            return (_f32(top), _f32(left), _f32(h), _f32(w))
-    return (0.0, 0.0, 1.0, 1.0)
+    top, left, h, w = random_resized_crop(d, 1.0, 1.0, scale, CROP_RATIO, pixels=False)
+    return (_f32(top), _f32(left), _f32(h), _f32(w))
 
 
-def _cutmix_rect(g: torch.Generator, lam: float, res: int) -> tuple[int, int, int, int]:
+def _cutmix_rect(d: TorchDraws, lam: float, res: int) -> tuple[int, int, int, int]:
     """A rectangle of area ~(1 - lam) * res^2, centre uniform over the pixels, clipped to the image."""
     cut_ratio = math.sqrt(1.0 - lam)
     ch = int(res * cut_ratio)
     cw = int(res * cut_ratio)
-    cy = _randint(g, res)
-    cx = _randint(g, res)
+    cy = d.randbelow(res)
+    cx = d.randbelow(res)
     y0 = min(max(cy - ch // 2, 0), res)
     y1 = min(max(cy + ch // 2, 0), res)
     x0 = min(max(cx - cw // 2, 0), res)
@@ -186,24 +165,25 @@ def draw_view(run_seed: int, epoch: int, image_id: int, num_images: int, cfg: Vi
     """
     if not (0 <= image_id < num_images):
         raise ValueError(f"image_id {image_id} outside [0, {num_images})")
-    g = generator(run_seed, "view", int(epoch), int(image_id))
-    box = _crop_box(g, cfg.crop_scale)
-    flip = _uniform(g) < 0.5
+    # float64 uniforms: the views' parameters were drawn at that precision from the start.
+    d = TorchDraws(generator(run_seed, "view", int(epoch), int(image_id)), torch.float64)
+    box = _crop_box(d, cfg.crop_scale)
+    flip = d.uniform() < 0.5
 
     if cfg.mix == "none" or num_images < 2 or cfg.mix_prob == 0.0:
         return ViewParams(box=box, flip=flip)
-    if cfg.mix_prob < 1.0 and _uniform(g) >= cfg.mix_prob:
+    if cfg.mix_prob < 1.0 and d.uniform() >= cfg.mix_prob:
         return ViewParams(box=box, flip=flip)
 
-    r = _randint(g, num_images - 1)
+    r = d.randbelow(num_images - 1)
     partner = r + 1 if r >= image_id else r
-    partner_box = _crop_box(g, cfg.crop_scale)
-    partner_flip = _uniform(g) < 0.5
-    lam = _beta(g, cfg.mix_alpha)
+    partner_box = _crop_box(d, cfg.crop_scale)
+    partner_flip = d.uniform() < 0.5
+    lam = _beta(d, cfg.mix_alpha)
     cut = NO_CUT
     if cfg.mix == "cutmix":
         res = cfg.resolution
-        cut = _cutmix_rect(g, lam, res)
+        cut = _cutmix_rect(d, lam, res)
         y0, x0, y1, x1 = cut
         lam = 1.0 - (y1 - y0) * (x1 - x0) / float(res * res)
     return ViewParams(

@@ -1,6 +1,8 @@
-"""`distill`: run the pipeline, show a run's status, list recipes, collect results.
+"""The `distill` commands: run the pipeline, show a run's status, list recipes and methods, collect results.
 
-Exit codes: 0 done, 2 usage or configuration error, 1 a stage failed.
+The executable entry is `workers.cli` (console script `distill`): it composes these commands with the Ray
+executor, so nothing under `pipeline` imports `workers`. Exit codes: 0 done, 2 usage or configuration error,
+1 a stage failed.
 """
 
 from __future__ import annotations
@@ -9,10 +11,16 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import ConfigError, config_from_json, describe
 from pipeline.recipes import load_config
+from pipeline.stages import stage_order
+
+# (config) -> an executor with run_units / launch_ddp / close (see pipeline.executors.Executor)
+ExecutorFactory = Callable[[Any], Any]
 
 EPILOG_RUN = """examples:
   distill run                                   # the demo recipe on the bundled digits, ./runs/demo
@@ -41,8 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", default=None, help="run directory (default: runs/<recipe>)")
     r.add_argument("--data-dir", default=None, help="ImageNet-layout folder (train/<class>/*, val/<class>/*); "
                    "default: the recipe's data.source (demo = bundled digits)")
-    r.add_argument("--stages", default=None, help="comma-separated subset of ingest,squeeze,recover,relabel,train,"
-                   "evaluate (default: all)")
+    r.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(stage_order())} "
+                   "(default: all; they run in this order)")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value; repeatable")
     r.add_argument("--fresh", action="store_true", help="discard the results of stages whose configuration changed "
@@ -66,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _cmd_run(args: argparse.Namespace, make_executor: ExecutorFactory | None = None) -> int:
     from pipeline.runner import run_pipeline
 
     overrides = list(args.overrides)
@@ -75,7 +83,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.config, overrides)
     run_dir = Path(args.run_dir or f"runs/{args.recipe or (Path(args.config).stem if args.config else 'demo')}")
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
-    ctx = run_pipeline(cfg, run_dir, stages=stages, fresh=args.fresh, progress=not args.no_progress)
+    executor = make_executor(cfg) if make_executor is not None else None
+    try:
+        ctx = run_pipeline(cfg, run_dir, stages=stages, fresh=args.fresh, executor=executor,
+                           progress=not args.no_progress)
+    finally:
+        if executor is not None:
+            executor.close()
     print(f"run directory: {ctx.run_dir.resolve()}")
     summary = ctx.path("results", "summary.json")
     if summary.exists():
@@ -150,7 +164,9 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     return collect_main(args.runs, args.out)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, make_executor: ExecutorFactory | None = None) -> int:
+    """The `distill` commands. `make_executor(cfg)` builds the executor of `run` (the composition root,
+    `workers.cli`, passes the one that picks Ray or in-process); without it, units run in this process."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -159,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"run": _cmd_run, "status": _cmd_status, "recipes": _cmd_recipes, "methods": _cmd_methods,
                 "collect": _cmd_collect}
     try:
+        if args.command == "run":
+            return _cmd_run(args, make_executor)
         return handlers[args.command](args)
     except ConfigError as exc:
         print(f"distill: error: {exc}", file=sys.stderr)
@@ -172,4 +190,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The runnable entry is `distill` / `python -m workers.cli`, which adds the Ray executor; running this
+    # module directly could silently run a Ray configuration in one process.
+    print("distill: run `distill ...` or `python -m workers.cli ...` (this module is the command library)",
+          file=sys.stderr)
+    sys.exit(2)

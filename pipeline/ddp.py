@@ -1,10 +1,12 @@
 """Helpers for DDP jobs that run unchanged under torchrun, Ray Train or the local launcher.
 
-A job is a picklable function `fn(arg)` (module level) that calls `init_from_env()` (a no-op when the
-launcher has already set up the process group, as Ray Train does), places itself on `device_for_rank()`,
-wraps its model in DistributedDataParallel when `dist_info()[1] > 1`, and returns a small picklable value
-from rank 0. `launch_local` runs such a job in this process (1 worker) or in spawned processes.
-No Ray here: `workers.ray_train` runs the same function on Ray Train.
+A job is a picklable function `fn(spec)` (module level; the spec a frozen dataclass such as
+`pipeline.trainloop.TeacherJob`) that calls `init_from_env()` (a no-op when the launcher has already set up
+the process group, as Ray Train does), places itself on `device_for_rank()`, wraps its model in
+DistributedDataParallel when `dist_info()[1] > 1`, and returns a small picklable value from rank 0.
+`launch_local` runs such a job in this process (1 worker) or in spawned processes: it is the local
+executor's `launch_ddp`. No Ray here: the Ray executor runs the same function on Ray Train
+(`workers.ray_train`).
 """
 
 from __future__ import annotations
@@ -106,10 +108,10 @@ def _spawned(index: int, fn: Callable[[Any], Any], arg: Any, world_size: int, po
         init_from_env(backend)
         value = fn(arg)
         if index == 0:
-            tmp = Path(out_dir) / (_RESULT_FILE + ".tmp")
-            with open(tmp, "wb") as fh:
+            from manifests.store import atomic_path
+
+            with atomic_path(Path(out_dir) / _RESULT_FILE) as tmp, open(tmp, "wb") as fh:
                 pickle.dump(value, fh)
-            os.replace(tmp, Path(out_dir) / _RESULT_FILE)
         # Finish together, then leave without running the process group's C++ teardown: gloo's destructors
         # race with the peer closing its connections and abort the process now and then (SIGABRT,
         # "terminate called without an active exception") after all the work is done. Everything this

@@ -1,7 +1,14 @@
-"""The runner: hashes, resume checks, planning, executing and committing units."""
+"""The runner: hashes, resume checks, planning, executing and committing units.
+
+The stages come from a `StageGraph` (the pipeline's by default), run in the order derived from their
+`depends_on`. Units run through the executor the caller passes (`run_pipeline(..., executor=...)`;
+the in-process `LocalExecutor` by default): the runner never picks Ray itself, so `pipeline` does not
+import `workers`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -10,31 +17,23 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from manifests.schema import Record
 from manifests.store import STAGE_RECORD, atomic_write_text
 from pipeline import __version__
 from pipeline.config import Config, ConfigError
-from pipeline.stages import STAGE_ORDER, get_stage
-from pipeline.stages.base import Outcome, RunContext, Stage, Unit
+from pipeline.executors import Executor, LocalExecutor
+from pipeline.stages import StageGraph, pipeline_graph
+from pipeline.stages.base import Outcome, RunContext, Stage
 
 log = logging.getLogger("distill")
 
 
 class StageFailed(RuntimeError):
     """A stage could not complete (exit code 1)."""
-
-
-class Executor(Protocol):
-    def run_units(
-        self, stage: Stage, ctx: RunContext, units: list[Unit], on_outcome: Callable[[Outcome], None]
-    ) -> None: ...
-
-    def close(self) -> None: ...
 
 
 def code_version() -> str:
@@ -49,11 +48,11 @@ def code_version() -> str:
     return f"{__version__}+{sha}" if sha else __version__
 
 
-def compute_hashes(cfg: Config) -> dict[str, str]:
+def compute_hashes(cfg: Config, graph: StageGraph | None = None) -> dict[str, str]:
     """Each stage's hash covers its own config sections and its upstream stages' hashes."""
     hashes: dict[str, str] = {}
-    for name in STAGE_ORDER:
-        stage = get_stage(name)
+    for stage in (graph or pipeline_graph()).stages:
+        name = stage.name
         payload = {
             "stage": name,
             "sections": {s: cfg.section_for_hash(s) for s in stage.sections},
@@ -64,13 +63,9 @@ def compute_hashes(cfg: Config) -> dict[str, str]:
     return hashes
 
 
-def select_stages(names: list[str] | None) -> list[str]:
-    if not names:
-        return list(STAGE_ORDER)
-    unknown = [n for n in names if n not in STAGE_ORDER]
-    if unknown:
-        raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGE_ORDER)}")
-    return [n for n in STAGE_ORDER if n in names]
+def select_stages(names: list[str] | None, graph: StageGraph | None = None) -> list[str]:
+    """`names` in run order (all stages when None); ConfigError naming unknown stages."""
+    return (graph or pipeline_graph()).select(names)
 
 
 @dataclass
@@ -85,7 +80,7 @@ class StageStatus:
     notes: list[str] = field(default_factory=list)
 
 
-def open_context(cfg: Config, run_dir: Path) -> RunContext:
+def open_context(cfg: Config, run_dir: Path, graph: StageGraph | None = None) -> RunContext:
     """Context for `run_dir` with this config's hashes and the run id (kept across reruns)."""
     run_dir = Path(run_dir)
     run_id = ""
@@ -96,22 +91,20 @@ def open_context(cfg: Config, run_dir: Path) -> RunContext:
         except json.JSONDecodeError:
             run_id = ""
     run_id = run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    return RunContext(run_dir=run_dir, config=cfg, run_id=run_id, hashes=compute_hashes(cfg), code_version=code_version())
+    return RunContext(run_dir=run_dir, config=cfg, run_id=run_id, hashes=compute_hashes(cfg, graph),
+                      code_version=code_version())
 
 
-def changed_stages(ctx: RunContext) -> list[str]:
+def changed_stages(ctx: RunContext, graph: StageGraph | None = None) -> list[str]:
     """Stages with records made under another config hash."""
     store = ctx.store
-    return [n for n in STAGE_ORDER if store.stale_hashes(n, ctx.hashes[n])]
+    return [n for n in (graph or pipeline_graph()).names if store.stale_hashes(n, ctx.hashes[n])]
 
 
-def _stage_dirs(name: str) -> list[str]:
-    return list(get_stage(name).output_dirs)
-
-
-def prepare(ctx: RunContext, fresh: bool) -> None:
+def prepare(ctx: RunContext, fresh: bool, graph: StageGraph | None = None) -> None:
     """Refuse a changed config unless `fresh`; with `fresh`, forget the changed stages' work."""
-    changed = changed_stages(ctx)
+    graph = graph or pipeline_graph()
+    changed = changed_stages(ctx, graph)
     if changed and not fresh:
         raise ConfigError(
             f"run directory {ctx.run_dir} was made with another configuration for stage(s) "
@@ -121,7 +114,7 @@ def prepare(ctx: RunContext, fresh: bool) -> None:
     for name in changed:
         log.warning("--fresh: discarding stage %s (its configuration changed)", name)
         ctx.store.clear(name)
-        for d in _stage_dirs(name):
+        for d in graph.get(name).output_dirs:
             shutil.rmtree(ctx.path(d), ignore_errors=True)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     resolved = {"run_id": ctx.run_id, **ctx.config.to_dict()}
@@ -142,9 +135,16 @@ def _record(ctx: RunContext, stage: str, outcome: Outcome) -> Record:
     )
 
 
-def run_stage(ctx: RunContext, name: str, executor: Executor, progress: bool = True) -> dict[str, Any]:
-    """Plan, skip what is done, run the rest, commit records, finalize. Returns stage metrics."""
-    stage = get_stage(name)
+def run_stage(ctx: RunContext, stage: Stage | str, executor: Executor, progress: bool = True) -> dict[str, Any]:
+    """Plan, skip what is done, run the rest, commit records, finalize. Returns stage metrics.
+
+    `stage`: a stage object or the name of a pipeline stage. Units of a distributed stage go to
+    `executor`; the others run here, in the driver, where a DDP job reaches `executor.launch_ddp`
+    through `ctx.executor`.
+    """
+    stage = pipeline_graph().get(stage) if isinstance(stage, str) else stage
+    name = stage.name
+    ctx = dataclasses.replace(ctx, executor=executor)  # the caller's context is left as it was
     store = ctx.store
     for dep in stage.depends_on:
         if not store.stage_done(dep, ctx.hashes[dep]):
@@ -182,9 +182,7 @@ def run_stage(ctx: RunContext, name: str, executor: Executor, progress: bool = T
         try:
             if stage.distributed:
                 executor.run_units(stage, ctx, pending, on_outcome)
-            else:
-                from workers.local import LocalExecutor
-
+            else:  # a driver-side job is run once: it resumes from its own checkpoints when run again
                 LocalExecutor(max_attempts=1).run_units(stage, ctx, pending, on_outcome)
         finally:
             bar.close()
@@ -221,21 +219,28 @@ def _progress(name: str, total: int, initial: int, enabled: bool) -> Any:
 
 def run_pipeline(
     cfg: Config, run_dir: Path, stages: list[str] | None = None, fresh: bool = False,
-    executor: Executor | None = None, progress: bool = True,
+    executor: Executor | None = None, progress: bool = True, graph: StageGraph | None = None,
 ) -> RunContext:
-    """Run the selected stages in order (all by default), resuming what is done."""
-    names = select_stages(stages)
-    ctx = open_context(cfg, run_dir)
-    prepare(ctx, fresh)
+    """Run the selected stages in order (all by default), resuming what is done.
+
+    `executor`: how units and DDP jobs run, made by the caller (the CLI uses `workers.make_executor`);
+    None = the in-process `LocalExecutor`, closed at the end. An executor passed in is left open.
+    `graph`: the stages (default: the pipeline's).
+    """
+    graph = graph or pipeline_graph()
+    names = graph.select(stages)
+    ctx = open_context(cfg, run_dir, graph)
+    prepare(ctx, fresh, graph)
     handler = _log_to_file(ctx)
     own_executor = executor is None
     if executor is None:
-        from workers import make_executor
-
-        executor = make_executor(cfg)
+        if cfg.executor.kind == "ray":
+            log.warning("executor.kind=ray, but no executor was passed to run_pipeline: running in this process "
+                        "(the caller makes the executor, e.g. workers.make_executor(cfg))")
+        executor = LocalExecutor(max_attempts=cfg.executor.max_attempts)
     try:
         for name in names:
-            run_stage(ctx, name, executor, progress=progress)
+            run_stage(ctx, graph.get(name), executor, progress=progress)
     finally:
         if own_executor:
             executor.close()
@@ -258,12 +263,14 @@ def _log_to_file(ctx: RunContext) -> logging.Handler | None:
     return handler
 
 
-def status(cfg: Config, run_dir: Path) -> list[StageStatus]:
+def status(cfg: Config, run_dir: Path, graph: StageGraph | None = None) -> list[StageStatus]:
     """Per stage: done / failed / pending units and whether the config hash matches."""
-    ctx = open_context(cfg, run_dir)
+    graph = graph or pipeline_graph()
+    ctx = open_context(cfg, run_dir, graph)
     store = ctx.store
     out = []
-    for name in STAGE_ORDER:
+    for stage in graph.stages:
+        name = stage.name
         st = StageStatus(name)
         h = ctx.hashes[name]
         recs = store.records(name)
@@ -273,9 +280,9 @@ def status(cfg: Config, run_dir: Path) -> list[StageStatus]:
         st.complete = store.stage_done(name, h)
         st.hash_state = "changed" if store.stale_hashes(name, h) else ("current" if recs or st.complete else "none")
         try:
-            deps_ok = all(store.stage_done(d, ctx.hashes[d]) for d in get_stage(name).depends_on)
+            deps_ok = all(store.stage_done(d, ctx.hashes[d]) for d in stage.depends_on)
             if deps_ok:
-                st.pending = len(get_stage(name).plan(ctx)) - st.done
+                st.pending = len(stage.plan(ctx)) - st.done
         except Exception as exc:  # noqa: BLE001 - status must not crash on a half-made run
             st.notes.append(f"cannot plan: {exc}")
         out.append(st)

@@ -16,6 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from pipeline.seeding import derive_seed, generator
 from pipeline.softlabels import SoftLabelTable, ViewSource, full_target, kd_loss, read_soft_labels
 from pipeline.synthesis import IMAGENET_MEAN, IMAGENET_STD, normalize
 from pipeline.trainloop import (
+    DataSpec,
     autocast,
     evaluate,
     resume,
@@ -41,6 +43,37 @@ from pipeline.trainloop import (
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StudentJob:
+    """The train stage's job (`train_student`): a student from scratch on the synthetic set and soft labels."""
+
+    data: DataSpec  # the real data (class count, resolution, run seed, val shards for evaluation)
+    views: ViewConfig  # how each (epoch, image) view is drawn: crop, flip, CutMix / Mixup (the relabel stage's too)
+    arch: str  # `train.arch`: the student's architecture
+    epochs: int  # training epochs
+    batch_size: int  # global batch size, split over the ranks
+    optimizer: str  # adamw | sgd | sgd-nesterov
+    lr: float  # peak learning rate
+    weight_decay: float  # weight decay
+    decay_1d: bool  # also decay 1-D parameters (biases, norm weights)
+    warmup_epochs: int  # linear warm-up epochs before the per-epoch cosine
+    temperature: float  # T of the KD loss and of the soft labels
+    loss_t2: bool  # multiply the KD loss by T^2 (the official Tiny-ImageNet students)
+    amp: bool  # bf16 autocast on GPU
+    relabel_mode: str  # stored (read `soft_labels`) | online (run the teacher on each batch)
+    top_k: int  # classes kept per view in the stored soft labels
+    soft_labels: tuple[str, ...]  # the relabel stage's parquet files (stored mode)
+    teacher: str  # path of the teacher's state_dict (online mode)
+    teacher_arch: str  # the teacher's architecture (online mode)
+    synthetic_dir: str  # folder of the recover stage's shards
+    synthetic_index: tuple[str, ...]  # the recover stage's parquet indexes, in unit order
+    view_workers: int  # DataLoader processes rendering the views (0 = in the training process)
+    eval_every: int  # evaluate on the val shards every N epochs (0 = never during training)
+    checkpoint: str  # path of the end-of-epoch checkpoint it resumes from
+    output: str  # path of the final state_dict (`checkpoints/student.pt`)
+    config_hash: str  # the train stage's config hash: a checkpoint with another one is not resumed
 
 
 def epoch_batches(num_images: int, global_batch: int, world: int, rank: int, seed: int, epoch: int) -> list[list[int]]:
@@ -79,47 +112,41 @@ def render_views(images: torch.Tensor, ids: list[int], seed: int, epoch: int, cf
     return normalize(render_batch(imgs, partners, params, cfg.resolution), mean, std)
 
 
-def view_config(args: dict[str, Any]) -> ViewConfig:
-    return ViewConfig(resolution=args["resolution"], crop_scale=(args["crop_scale_min"], 1.0), mix=args["mix"],
-                      mix_alpha=args["mix_alpha"])
+def load_teacher(job: StudentJob, device: torch.device) -> nn.Module:
+    """The teacher named by a student job (online relabel)."""
+    return trainloop.load_teacher(job.teacher_arch, job.data.num_classes, job.data.resolution, job.teacher, device)
 
 
-def load_teacher(args: dict[str, Any], device: torch.device) -> nn.Module:
-    """The teacher named by a student job's arguments (online relabel)."""
-    return trainloop.load_teacher(args["teacher_arch"], args["num_classes"], args["resolution"], args["teacher"], device)
-
-
-def train_student(args: dict[str, Any]) -> dict[str, Any]:
-    """DDP student training; `args` is a plain dict (see the train stage) so it crosses process boundaries."""
+def train_student(job: StudentJob) -> dict[str, Any]:
+    """DDP student training; resume from the last epoch's checkpoint."""
     from pipeline.data.synthetic import load_images
 
     ddp.init_from_env()
     rank, world, _ = ddp.dist_info()
     device = ddp.device_for_rank()
-    images, _ = load_images(Path(args["synthetic_dir"]), _index(args), None)
-    n, num_classes, temp = len(images), args["num_classes"], args["temperature"]
-    cfg = view_config(args)
-    torch.manual_seed(derive_seed(args["seed"], "train", "init"))
-    model = build_model(args["arch"], num_classes, args["resolution"]).to(device)
-    opt = make_optimizer(model, lr=args["lr"], weight_decay=args["weight_decay"], name=args["optimizer"],
-                         decay_1d=args["decay_1d"])
-    sched = cosine_schedule(opt, args["epochs"], warmup_epochs=args["warmup_epochs"])
+    images, _ = load_images(Path(job.synthetic_dir), _index(job), None)
+    seed, n, num_classes, temp = job.data.seed, len(images), job.data.num_classes, job.temperature
+    cfg = job.views
+    torch.manual_seed(derive_seed(seed, "train", "init"))
+    model = build_model(job.arch, num_classes, job.data.resolution).to(device)
+    opt = make_optimizer(model, lr=job.lr, weight_decay=job.weight_decay, name=job.optimizer, decay_1d=job.decay_1d)
+    sched = cosine_schedule(opt, job.epochs, warmup_epochs=job.warmup_epochs)
     # The official Tiny-ImageNet students scale the KD loss by T^2 (Hinton et al.); ImageNet / CIFAR do not.
-    loss_scale = temp * temp if args["loss_t2"] else 1.0
-    table = _soft_labels(args, n, cfg, device) if args["relabel_mode"] == "stored" else None
-    teacher = load_teacher(args, device) if table is None else None
-    ckpt_path = Path(args["checkpoint"])
-    ckpt = resume(ckpt_path, args["config_hash"], model, opt, sched, "train")
+    loss_scale = temp * temp if job.loss_t2 else 1.0
+    table = _soft_labels(job, n, device) if job.relabel_mode == "stored" else None
+    teacher = load_teacher(job, device) if table is None else None
+    ckpt_path = Path(job.checkpoint)
+    ckpt = resume(ckpt_path, job.config_hash, model, opt, sched, "train")
     resumed_from = int(ckpt["epoch"]) + 1 if ckpt else None
     start, history = resumed_from or 0, list(ckpt.get("history", [])) if ckpt else []
     net = wrap_ddp(model, device)
     t0 = time.time()
-    every = args["eval_every"]
-    for epoch in range(start, args["epochs"]):
+    every = job.eval_every
+    for epoch in range(start, job.epochs):
         net.train()
-        batches = epoch_batches(n, args["batch_size"], world, rank, args["seed"], epoch)
-        data = ViewBatches(images, batches, args["seed"], epoch, cfg, args["mean"], args["std"])
-        loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=args["num_workers"],
+        batches = epoch_batches(n, job.batch_size, world, rank, seed, epoch)
+        data = ViewBatches(images, batches, seed, epoch, cfg, job.data.mean, job.data.std)
+        loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=job.view_workers,
                                              persistent_workers=False)
         total = torch.zeros(2, dtype=torch.float64, device=device)
         for x, ids in loader:
@@ -127,10 +154,10 @@ def train_student(args: dict[str, Any]) -> dict[str, Any]:
             if table is not None:
                 target = table.targets(epoch, ids.tolist(), device)
             else:  # online: the full target softmax(z / T), nothing truncated
-                with torch.no_grad(), autocast(device, args["amp"]):
+                with torch.no_grad(), autocast(device, job.amp):
                     logits = teacher(x)
                 target = full_target(logits.float(), temp)
-            with autocast(device, args["amp"]):
+            with autocast(device, job.amp):
                 out = net(x).float()
             loss = kd_loss(out, target, temp) * loss_scale
             opt.zero_grad(set_to_none=True)
@@ -140,31 +167,31 @@ def train_student(args: dict[str, Any]) -> dict[str, Any]:
             total[1] += len(ids)
         sched.step()
         sync_buffers(model)
-        if every and (epoch + 1) % every == 0 and epoch + 1 < args["epochs"]:
-            m = evaluate(net, val_loader(args, rank, world, device), device, args["amp"])
+        if every and (epoch + 1) % every == 0 and epoch + 1 < job.epochs:
+            m = evaluate(net, val_loader(job.data, rank, world, device), device, job.amp)
             history.append({"epoch": epoch + 1, "top1": m["top1"], "top5": m["top5"]})
         ddp.all_reduce_sum(total)
         if ddp.is_rank0():
-            save_checkpoint(ckpt_path, model, opt, sched, epoch, args["config_hash"], history=history)
-            if (epoch + 1) % max(1, args["epochs"] // 10) == 0 or epoch + 1 == args["epochs"]:
-                log.info("train: epoch %d/%d kd loss %.4f (%.1fs)", epoch + 1, args["epochs"],
+            save_checkpoint(ckpt_path, model, opt, sched, epoch, job.config_hash, history=history)
+            if (epoch + 1) % max(1, job.epochs // 10) == 0 or epoch + 1 == job.epochs:
+                log.info("train: epoch %d/%d kd loss %.4f (%.1fs)", epoch + 1, job.epochs,
                          float(total[0] / max(1.0, float(total[1]))), time.time() - t0)
         ddp.barrier()
     if ddp.is_rank0():
-        save_atomic(model.state_dict(), Path(args["output"]))
-    return {"epochs": args["epochs"], "num_images": n, "history": history, "resumed_from_epoch": resumed_from,
+        save_atomic(model.state_dict(), Path(job.output))
+    return {"epochs": job.epochs, "num_images": n, "history": history, "resumed_from_epoch": resumed_from,
             "world_size": world, "train_seconds": round(time.time() - t0, 2)}
 
 
-def _soft_labels(args: dict[str, Any], num_images: int, cfg: ViewConfig, device: torch.device) -> SoftLabelTable:
+def _soft_labels(job: StudentJob, num_images: int, device: torch.device) -> SoftLabelTable:
     """The stored soft labels, checked against this student: C, T, and the views of every row.
 
     Redrawing the views of every row costs ~60 us a view, so the ranks split the files and sum a flag
     per file; every rank then raises the same error, naming the first file that does not match.
     """
     rank, world, _ = ddp.dist_info()
-    table = read_soft_labels(args["soft_labels"], num_classes=args["num_classes"], temperature=args["temperature"])
-    views = ViewSource(args["seed"], num_images, cfg)
+    table = read_soft_labels(list(job.soft_labels), num_classes=job.data.num_classes, temperature=job.temperature)
+    views = ViewSource(job.data.seed, num_images, job.views)
     if not table.paths:
         return table
     bad = torch.zeros(len(table.paths), dtype=torch.float32, device=device)
@@ -176,7 +203,8 @@ def _soft_labels(args: dict[str, Any], num_images: int, cfg: ViewConfig, device:
     return table
 
 
-def _index(args: dict[str, Any]):  # noqa: ANN202 - pyarrow table
+def _index(job: StudentJob):  # noqa: ANN202 - pyarrow table
+    """The synthetic set's index (every recover unit's parquet, in unit order)."""
     from pipeline.data.shards import read_index
 
-    return read_index([Path(p) for p in args["synthetic_index"]])
+    return read_index([Path(p) for p in job.synthetic_index])

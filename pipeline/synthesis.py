@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402,F401 - the defaults of normalize()
+from pipeline.crops import TorchDraws, random_resized_crop
 
 _NO_BN_MESSAGE = "the teacher has no BatchNorm2d layers; SRe2L/DWA recover needs BN statistics"
 
@@ -214,38 +215,21 @@ class BNStatsHook:
 
 
 def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:
-    return lo + (hi - lo) * float(torch.rand((), generator=gen, device="cpu"))
+    """Uniform float in [lo, hi) from a float32 (torch's default dtype) draw."""
+    return TorchDraws(gen).uniform(lo, hi)
 
 
-def _randint(gen: torch.Generator, lo: int, hi: int) -> int:
-    """Uniform integer in [lo, hi] inclusive."""
-    return int(torch.randint(lo, hi + 1, (), generator=gen, device="cpu"))
+def _randint_inclusive(gen: torch.Generator, lo: int, hi: int) -> int:
+    """Uniform integer in [lo, hi], both ends included."""
+    return TorchDraws(gen).randint_inclusive(lo, hi)
 
 
 def _crop_params(
     gen: torch.Generator, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
 ) -> tuple[int, int, int, int]:
-    """(top, left, h, w) sampled like torchvision's RandomResizedCrop.get_params, from `gen`."""
-    area = height * width
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        target_area = area * _uniform(gen, scale[0], scale[1])
-        aspect = math.exp(_uniform(gen, log_lo, log_hi))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = _randint(gen, 0, height - h)
-            left = _randint(gen, 0, width - w)
-            return top, left, h, w
-    # Fallback: central crop with the aspect ratio clipped into `ratio`.
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+    """(top, left, h, w) sampled like torchvision's RandomResizedCrop.get_params, from `gen` (float32 draws)."""
+    top, left, h, w = random_resized_crop(TorchDraws(gen), height, width, scale, ratio, pixels=True)
+    return int(top), int(left), int(h), int(w)
 
 
 def augment_batch(
@@ -281,8 +265,8 @@ def augment_batch(
     if flip and _uniform(gen, 0.0, 1.0) < 0.5:
         out = out.flip(-1)
     if jitter > 0:
-        dy = _randint(gen, 0, jitter)
-        dx = _randint(gen, 0, jitter)
+        dy = _randint_inclusive(gen, 0, jitter)
+        dx = _randint_inclusive(gen, 0, jitter)
         out = torch.roll(out, shifts=(dy, dx), dims=(2, 3))
     return out
 

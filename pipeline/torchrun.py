@@ -3,9 +3,10 @@
     torchrun --nproc_per_node 8 -m pipeline.torchrun --run-dir RUN --job squeeze
     torchrun --nproc_per_node 8 -m pipeline.torchrun --run-dir RUN --job train
 
-The job function is the one the pipeline itself launches through Ray Train or local processes; it
-reads the resolved config of the run directory (which must have its upstream stages done), trains with
-a checkpoint per epoch and writes the final weights. A following `distill run` on the same run directory
+The job function and its spec (`TeacherJob` / `StudentJob`, built by the stage from the run directory's
+resolved config) are the ones the pipeline itself hands to its executor's `launch_ddp` (Ray Train or local
+processes). The run directory must have the job's upstream stages done; the job trains with a checkpoint
+per epoch and writes the final weights. A following `distill run` on the same run directory
 finds the last epoch's checkpoint, skips the training, evaluates and commits the stage's record.
 """
 
@@ -31,15 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(a.run_dir)
     ctx = open_context(config_from_json(run_dir / "config.json"), run_dir)
     if a.job == "squeeze":
-        from pipeline.stages.squeeze import teacher_args
+        from pipeline.stages.squeeze import teacher_job
         from pipeline.trainloop import train_teacher
 
-        result = train_teacher(teacher_args(ctx))
+        result = train_teacher(teacher_job(ctx))
     else:
-        from pipeline.stages.train import student_args
+        from pipeline.stages.train import student_job
         from pipeline.student import train_student
 
-        result = train_student(student_args(ctx))
+        result = train_student(student_job(ctx))
     if ddp.is_rank0():
         print(result)
     return 0

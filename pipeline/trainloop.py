@@ -5,6 +5,9 @@ worker: `pipeline.ddp.init_from_env()` joins the process group when there is one
 Checkpoints are written by rank 0 through a temp file and a rename, once per epoch, and
 hold model, optimizer, scheduler, epoch and RNG states; a restarted job resumes from them
 when their config hash matches.
+
+A job takes one frozen, picklable spec (`TeacherJob` here, `pipeline.student.StudentJob`), built by its
+stage from the run context; `DataSpec` is the real-data part they share.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +30,56 @@ from pipeline.seeding import derive_seed
 log = logging.getLogger(__name__)
 
 
+# ---------------------------------------------------------------------------- job specs
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The real data of a run as a job sees it (plain values: a spec crosses process boundaries)."""
+
+    num_classes: int  # classes of the data set (the models' output size)
+    resolution: int  # image side in pixels (`data.resolution`)
+    seed: int  # the run seed: loader shuffling, and in the jobs model init, batch order and student views
+    train_shards: tuple[str, ...]  # absolute paths of the real training shards (`real/train-*.tar`)
+    val_shards: tuple[str, ...]  # absolute paths of the real validation shards
+    num_train: int  # training samples over all shards (a training epoch's length)
+    loader: str  # `data.loader`: auto | pil | dali
+    num_workers: int  # loader worker processes (PIL) or DALI CPU threads (`data.num_workers`)
+    eval_batch_size: int  # batch size of evaluation on the val shards (`eval.batch_size`)
+    mean: tuple[float, ...]  # per-channel normalization mean on the [0, 1] scale (`data.mean`)
+    std: tuple[float, ...]  # per-channel normalization std (`data.std`)
+
+
+@dataclass(frozen=True)
+class TeacherJob:
+    """The squeeze stage's job: train the teacher (`train_teacher`) or import given weights (`import_teacher`)."""
+
+    data: DataSpec  # the real data it trains and evaluates on
+    arch: str  # `squeeze.arch`: a `pipeline.models` architecture name
+    epochs: int  # training epochs
+    batch_size: int  # global batch size, split over the ranks
+    optimizer: str  # sgd | sgd-nesterov | adamw (weight decay on every parameter)
+    warmup_epochs: int  # linear warm-up epochs before the per-epoch cosine
+    lr: float  # peak learning rate
+    weight_decay: float  # weight decay
+    amp: bool  # bf16 autocast on GPU (CPU always runs fp32)
+    weights: str  # `squeeze.weights`: a state_dict file or torchvision weights name to import ("" = train)
+    checkpoint: str  # path of the end-of-epoch checkpoint it resumes from
+    output: str  # path of the final state_dict (`checkpoints/teacher.pt`)
+    config_hash: str  # the squeeze stage's config hash: a checkpoint with another one is not resumed
+
+
 # ---------------------------------------------------------------------------- checkpoints
 
 
 def save_atomic(obj: Any, path: Path) -> None:
     """torch.save through a temporary name and a rename (a crash never leaves half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:  # a file object, so the archive's inner name does not carry the temp name:
-        torch.save(obj, fh)      # the same weights give the same bytes (and sha256) in every run
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    from manifests.store import atomic_path
+
+    # A file object, so the archive's inner name does not carry the temp name: the same weights give the same
+    # bytes (and sha256) in every run.
+    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def load_weights(path: Path) -> dict[str, Any]:
@@ -143,57 +184,53 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, amp: bool = Fa
     return {"top1": 100.0 * float(counts[0]) / n, "top5": 100.0 * float(counts[1]) / n, "n": int(counts[2])}
 
 
-def val_loader(args: dict[str, Any], rank: int, world: int, device: torch.device) -> Any:
+def val_loader(data: DataSpec, rank: int, world: int, device: torch.device) -> Any:
+    """This rank's loader over the real val shards (padded with label -1 so every rank runs as many batches)."""
     from pipeline.data.loaders import make_loader
 
-    return make_loader(args["val_shards"], train=False, batch_size=args["eval_batch_size"],
-                       resolution=args["resolution"], rank=rank, world_size=world, backend=args["loader"],
-                       num_workers=args["num_workers"], seed=args["seed"], device=device.type,
-                       mean=args["mean"], std=args["std"])
+    return make_loader(list(data.val_shards), train=False, batch_size=data.eval_batch_size,
+                       resolution=data.resolution, rank=rank, world_size=world, backend=data.loader,
+                       num_workers=data.num_workers, seed=data.seed, device=device.type,
+                       mean=data.mean, std=data.std)
 
 
 # ---------------------------------------------------------------------------- teacher (squeeze)
 
 
-def train_teacher(args: dict[str, Any]) -> dict[str, Any]:
-    """Train the teacher on the real shards with DDP; resume from the last epoch's checkpoint.
-
-    `args`: arch, num_classes, resolution, epochs, batch_size (global), optimizer, lr, weight_decay,
-    amp, seed, train_shards, val_shards, num_train, loader, num_workers, eval_batch_size,
-    checkpoint (path), output (path of the final state_dict), config_hash.
-    """
+def train_teacher(job: TeacherJob) -> dict[str, Any]:
+    """Train the teacher on the real shards with DDP; resume from the last epoch's checkpoint."""
     from pipeline.data.loaders import make_loader
 
     ddp.init_from_env()
     rank, world, _ = ddp.dist_info()
     device = ddp.device_for_rank()
-    torch.manual_seed(derive_seed(args["seed"], "squeeze", "init"))
-    model = build_model(args["arch"], args["num_classes"], args["resolution"]).to(device)
+    data = job.data
+    torch.manual_seed(derive_seed(data.seed, "squeeze", "init"))
+    model = build_model(job.arch, data.num_classes, data.resolution).to(device)
     from pipeline.optim import cosine_schedule, make_optimizer
 
     # The official teacher scripts decay every parameter (SRe2L/DWA CIFAR squeeze, the Tiny-ImageNet trainer).
-    opt = make_optimizer(model, lr=args["lr"], weight_decay=args["weight_decay"], name=args["optimizer"],
-                         decay_1d=True)
-    epochs = args["epochs"]
-    sched = cosine_schedule(opt, epochs, warmup_epochs=args["warmup_epochs"])
-    ckpt_path = Path(args["checkpoint"])
-    ckpt = resume(ckpt_path, args["config_hash"], model, opt, sched, "squeeze")
+    opt = make_optimizer(model, lr=job.lr, weight_decay=job.weight_decay, name=job.optimizer, decay_1d=True)
+    epochs = job.epochs
+    sched = cosine_schedule(opt, epochs, warmup_epochs=job.warmup_epochs)
+    ckpt_path = Path(job.checkpoint)
+    ckpt = resume(ckpt_path, job.config_hash, model, opt, sched, "squeeze")
     resumed_from = int(ckpt["epoch"]) + 1 if ckpt else None
     start = resumed_from or 0
     net = wrap_ddp(model, device)
-    per_rank = max(1, args["batch_size"] // world)
+    per_rank = max(1, job.batch_size // world)
     t0 = time.time()
-    loader = make_loader(args["train_shards"], train=True, batch_size=per_rank, resolution=args["resolution"],
-                         rank=rank, world_size=world, backend=args["loader"], num_workers=args["num_workers"],
-                         seed=args["seed"], epoch=start, num_samples=args["num_train"], device=device.type,
-                         mean=args["mean"], std=args["std"])
+    loader = make_loader(list(data.train_shards), train=True, batch_size=per_rank, resolution=data.resolution,
+                         rank=rank, world_size=world, backend=data.loader, num_workers=data.num_workers,
+                         seed=data.seed, epoch=start, num_samples=data.num_train, device=device.type,
+                         mean=data.mean, std=data.std)
     for epoch in range(start, epochs):
         net.train()
         loader.set_epoch(epoch)  # the epoch's seeds (and DALI shard order); the loader itself is built once
         total = torch.zeros(2, dtype=torch.float64, device=device)
         for images, labels in loader:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with autocast(device, args["amp"]):
+            with autocast(device, job.amp):
                 loss = F.cross_entropy(net(images).float(), labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -204,27 +241,27 @@ def train_teacher(args: dict[str, Any]) -> dict[str, Any]:
         sync_buffers(model)
         ddp.all_reduce_sum(total)
         if ddp.is_rank0():
-            save_checkpoint(ckpt_path, model, opt, sched, epoch, args["config_hash"])
+            save_checkpoint(ckpt_path, model, opt, sched, epoch, job.config_hash)
             log.info("squeeze: epoch %d/%d loss %.4f (%.1fs)", epoch + 1, epochs,
                      float(total[0] / max(1.0, float(total[1]))), time.time() - t0)
         ddp.barrier()
-    metrics = evaluate(net, val_loader(args, rank, world, device), device, args["amp"])
+    metrics = evaluate(net, val_loader(data, rank, world, device), device, job.amp)
     if ddp.is_rank0():
-        save_atomic(model.state_dict(), Path(args["output"]))
+        save_atomic(model.state_dict(), Path(job.output))
     return {"teacher_top1": metrics["top1"], "teacher_top5": metrics["top5"], "val_images": metrics["n"],
             "epochs": epochs, "resumed_from_epoch": resumed_from, "world_size": world,
             "train_seconds": round(time.time() - t0, 2)}
 
 
-def import_teacher(args: dict[str, Any]) -> dict[str, Any]:
-    """Load given weights (a state_dict file or a torchvision weights name), check them, evaluate."""
+def import_teacher(job: TeacherJob) -> dict[str, Any]:
+    """Load `job.weights` (a state_dict file or a torchvision weights name), check them, evaluate."""
     device = ddp.device_for_rank()
-    model = build_model(args["arch"], args["num_classes"], args["resolution"])
-    source = args["weights"]
+    model = build_model(job.arch, job.data.num_classes, job.data.resolution)
+    source = job.weights
     load_state_dict_checked(model, resolve_weights(source), source)
     model.to(device)
-    metrics = evaluate(model, val_loader(args, 0, 1, device), device, args["amp"])
-    save_atomic(model.state_dict(), Path(args["output"]))
+    metrics = evaluate(model, val_loader(job.data, 0, 1, device), device, job.amp)
+    save_atomic(model.state_dict(), Path(job.output))
     return {"teacher_top1": metrics["top1"], "teacher_top5": metrics["top5"], "val_images": metrics["n"],
             "weights": source}
 

@@ -1,4 +1,4 @@
-"""DDP helpers: local multi-process launch (gloo) and one Ray Train run of the same kind of function."""
+"""DDP helpers: local multi-process launch (gloo), the executors' `launch_ddp`, and one Ray Train run."""
 
 from __future__ import annotations
 
@@ -88,12 +88,12 @@ def test_helpers_are_no_ops_without_a_process_group(monkeypatch):
     assert out["world"] == 1 and torch.allclose(torch.tensor(out["params"][0]), _reference(1, 0.1), atol=1e-6)
 
 
-def test_launch_ddp_without_ray_runs_locally():
-    from pipeline.recipes import load_config
-    from workers.ray_train import launch_ddp
+def test_local_executor_launches_ddp_jobs_without_ray():
+    from pipeline.executors import LocalExecutor
 
-    out = launch_ddp(reduce_job, "x", 1, load_config("demo", overrides=["executor.kind=local"]))
-    assert out == {"rank": 0, "world": 1, "sum": 1.0, "arg": "x"}
+    assert LocalExecutor().launch_ddp(reduce_job, "x", 1) == {"rank": 0, "world": 1, "sum": 1.0, "arg": "x"}
+    out = LocalExecutor().launch_ddp(reduce_job, "y", 2)  # two spawned gloo ranks
+    assert out == {"rank": 0, "world": 2, "sum": 3.0, "arg": "y"}
 
 
 def test_launch_local_ddp_keeps_ranks_in_sync():
@@ -112,15 +112,19 @@ def test_launch_local_reports_the_failing_rank():
 
 
 @pytest.mark.ray
-def test_launch_ray_train_returns_rank0_value(tmp_path):
+def test_ray_executor_launches_ddp_on_ray_train():
     import ray
 
-    from workers.ray_train import launch_ray_train
+    from pipeline.recipes import load_config
+    from workers import make_executor
 
     ray.init(num_cpus=2, include_dashboard=False,
              object_store_memory=100 * 1024 * 1024)
+    executor = make_executor(load_config("demo", overrides=["executor.kind=ray"]))
     try:
-        out = launch_ray_train(reduce_job, "hello", num_workers=2, use_gpu=True, storage_path=tmp_path)
+        # 2 CPU workers with gloo (no GPU here: the executor asks Ray Train for GPUs only when the cluster has them)
+        out = executor.launch_ddp(reduce_job, "hello", 2)
     finally:
+        executor.close()
         ray.shutdown()
     assert out == {"rank": 0, "world": 2, "sum": 3.0, "arg": "hello"}

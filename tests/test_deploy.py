@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from manifests.store import STAGE_RECORD, ManifestStore
-from tests.conftest import FAST
+from tests.helpers import FAST
 from tests.ray_cluster import REPO, VENV_BIN, LocalRayHead, start_head
 
 DEPLOY = REPO / "deploy"
@@ -81,7 +81,7 @@ def test_kuberay_pods_share_runs_volume(name: str) -> None:
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     if doc["kind"] == "RayJob":
         assert doc["spec"]["shutdownAfterJobFinishes"] is True
-        assert doc["spec"]["entrypoint"] == ("python -m pipeline.cli run --recipe imagenet1k-rn18-ipc10-dwa "
+        assert doc["spec"]["entrypoint"] == ("python -m workers.cli run --recipe imagenet1k-rn18-ipc10-dwa "
                                              "--data-dir /data/imagenet --run-dir /runs/in1k-ipc10-dwa")
 
 
@@ -117,7 +117,7 @@ def test_submit_sh_builds_command() -> None:
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.split() == [
         "ray", "job", "submit", "--address", "http://127.0.0.1:8265", "--working-dir", ".", "--runtime-env",
-        "deploy/ray/runtime_env.yaml", "--no-wait", "--", "python", "-m", "pipeline.cli", "run", "--recipe", "demo",
+        "deploy/ray/runtime_env.yaml", "--no-wait", "--", "python", "-m", "workers.cli", "run", "--recipe", "demo",
         "--run-dir", "/runs/x\\", "y",
     ]
 
@@ -136,9 +136,9 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
 def _run_command(run_dir: Path, *extra: str, stages: str | None = None) -> list[str]:
-    """`python -m pipeline.cli run` for the demo with every FAST item, then `executor.kind=ray` (which must win
+    """`python -m workers.cli run` for the demo with every FAST item, then `executor.kind=ray` (which must win
     over FAST's `executor.kind=local`: later --set items override earlier ones), then `extra`."""
-    cmd = ["python", "-m", "pipeline.cli", "run", "--recipe", "demo", "--run-dir", str(run_dir), "--no-progress"]
+    cmd = ["python", "-m", "workers.cli", "run", "--recipe", "demo", "--run-dir", str(run_dir), "--no-progress"]
     if stages:
         cmd += ["--stages", stages]
     for item in [*FAST, "executor.kind=ray", *extra]:
@@ -268,7 +268,7 @@ def test_submit_demo_job_end_to_end(ray_head: LocalRayHead, demo_job: DemoJob) -
     assert not pipeline_file.startswith(str(REPO)), "the job imported the checkout, not the uploaded copy"
     assert str(ray_head.temp_dir) in pipeline_file
     # The later `--set executor.kind=ray` won over FAST's `executor.kind=local`.
-    assert json.loads((run_dir / "config.json").read_text())["ray"]["executor"] == "ray"
+    assert json.loads((run_dir / "config.json").read_text())["executor"]["kind"] == "ray"
     # The Ray executor joined this head (its GCS port) instead of starting a nested cluster; the DDP stages
     # went through Ray Train on it.
     joined = [line for line in logs.splitlines() if "ray: joining the cluster at" in line]

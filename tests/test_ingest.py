@@ -12,7 +12,7 @@ from pipeline.config import ConfigError
 from pipeline.data.shards import read_index, read_member
 from pipeline.recipes import load_config
 from pipeline.runner import StageFailed, run_pipeline
-from tests.conftest import make_image_folder
+from tests.helpers import make_image_folder
 
 
 def _ingest(data_dir, run_dir, *extra):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from manifests.schema import FileRef, Record
-from manifests.store import ManifestStore
+from manifests.store import ManifestStore, atomic_path, atomic_write_bytes
 from pipeline.config import ConfigError
 from pipeline.recipes import load_config
 from pipeline.runner import open_context, prepare
@@ -47,6 +47,30 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
         store.commit(_rec("u1"))
     assert store.load("ingest", "u1") is None
     assert list((tmp_path / "manifests" / "ingest").iterdir()) == []
+
+
+def test_atomic_path_renames_on_success_and_deletes_on_error(tmp_path):
+    target = tmp_path / "sub" / "out.bin"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp.name.startswith(".out.bin.") and not target.exists()
+        tmp.write_bytes(b"new")  # a writer that opens the file itself
+    assert target.read_bytes() == b"new"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("writer failed")
+    assert target.read_bytes() == b"new"  # the old file stays whole
+    atomic_write_bytes(target, b"newer")
+    assert target.read_bytes() == b"newer"
+    assert [p.name for p in target.parent.iterdir()] == ["out.bin"]  # no temporary left behind
+
+
+def test_atomic_path_gives_each_writer_its_own_temporary(tmp_path):
+    with atomic_path(tmp_path / "x") as a, atomic_path(tmp_path / "x") as b:
+        assert a != b
+        a.write_bytes(b"a")
+        b.write_bytes(b"b")
+    assert (tmp_path / "x").read_bytes() == b"a"  # the last rename wins; neither saw the other's bytes
+    assert [p.name for p in tmp_path.iterdir()] == ["x"]
 
 
 def test_unsafe_unit_key_rejected(tmp_path):

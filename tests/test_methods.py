@@ -12,7 +12,7 @@ from pipeline.cli import main
 from pipeline.methods import base, get_method, registry
 from pipeline.methods.base import MethodOutput, Needs, doc_field
 from pipeline.runner import run_pipeline
-from tests.conftest import clone_run, fast_config
+from tests.helpers import clone_run, fast_config
 
 
 def test_builtin_methods_declare_needs_configs_and_inits():

@@ -11,10 +11,10 @@ import pytest
 import ray
 
 from manifests.store import ManifestStore
+from pipeline.executors import LocalExecutor
 from pipeline.recipes import load_config
 from pipeline.runner import _record, run_pipeline
 from pipeline.stages.base import Outcome, RunContext, Stage, Unit, UnitResult
-from workers.local import LocalExecutor
 from workers.ray_executor import RayExecutor, _lost_outcome, plan_actors, resolve_stage, stage_ref
 
 # ------------------------------------------------------------------------------------- a toy test stage

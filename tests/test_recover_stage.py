@@ -30,7 +30,7 @@ from pipeline.data.synthetic import decode_rgb, synthetic_index
 from pipeline.runner import open_context, run_pipeline
 from pipeline.stages.base import RunContext
 from pipeline.stages.recover import STAGE, RecoverWorker, class_shards, unit_key
-from tests.conftest import FAST, clone_run, fast_config
+from tests.helpers import FAST, clone_run, fast_config
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES, IPC, PER_SHARD = 10, 2, 5
@@ -329,7 +329,7 @@ def test_synthesize_batch_rejects_a_bn_less_module():
 
 def test_driver_killed_mid_stage_then_rerun_runs_only_missing_units(teacher_run, tmp_path):
     run_dir = clone_run(teacher_run, tmp_path / "killed")
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--run-dir", str(run_dir), "--stages", "recover",
+    cmd = [sys.executable, "-m", "workers.cli", "run", "--run-dir", str(run_dir), "--stages", "recover",
            "--no-progress"]
     for o in [*FAST, RESUME_ITERS]:
         cmd += ["--set", o]

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from itertools import chain
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from pipeline.models import build_model
 from pipeline.recipes import load_config
 from pipeline.runner import compute_hashes, open_context, run_pipeline
 from pipeline.softlabels import ViewSource, full_target, read_soft_labels, teacher_probs
-from pipeline.stages.train import student_args
+from pipeline.stages.train import student_job
 from pipeline.student import (
     ViewBatches,
     _index,
@@ -30,9 +31,8 @@ from pipeline.student import (
     load_teacher,
     render_views,
     train_student,
-    view_config,
 )
-from tests.conftest import FAST, clone_run, fast_config, make_image_folder
+from tests.helpers import FAST, clone_run, fast_config, make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPK = "relabel.top_k=10"  # = the digits' class count: stored labels keep every logit
@@ -50,7 +50,7 @@ def relabeled_run(teacher_run: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def _cli(run_dir: Path, stages: str, *sets: str, fresh: bool = False, data_dir: Path | None = None) -> list[str]:
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", "--run-dir", str(run_dir), "--stages", stages,
+    cmd = [sys.executable, "-m", "workers.cli", "run", "--run-dir", str(run_dir), "--stages", stages,
            "--no-progress"]
     if data_dir is not None:
         cmd += ["--data-dir", str(data_dir)]
@@ -100,9 +100,9 @@ def _kill_at_epoch(cmd: list[str], ckpt: Path, config_hash: str, min_epoch: int,
 
 def _cli_in_process(cmd: list[str]) -> int:
     """The same `distill` command line, run in this process (saves starting another interpreter)."""
-    from pipeline.cli import main
+    from workers.cli import main
 
-    assert cmd[1:3] == ["-m", "pipeline.cli"]
+    assert cmd[1:3] == ["-m", "workers.cli"]
     return main(cmd[3:])
 
 
@@ -111,20 +111,20 @@ def _cli_in_process(cmd: list[str]) -> int:
 
 def test_stored_and_online_relabel_give_the_same_targets(relabeled_run: Path) -> None:
     ctx = open_context(fast_config(TOPK), relabeled_run)
-    args = student_args(ctx)
+    job = student_job(ctx)
     from pipeline.data.synthetic import load_images
 
-    images, _ = load_images(Path(args["synthetic_dir"]), _index(args), None)
-    n, c, k, temp, seed = len(images), args["num_classes"], args["top_k"], args["temperature"], args["seed"]
+    images, _ = load_images(Path(job.synthetic_dir), _index(job), None)
+    n, c, k, temp, seed = len(images), job.data.num_classes, job.top_k, job.temperature, job.data.seed
     assert k == c == 10 and n == 20
-    cfg = view_config(args)
+    cfg = job.views
     # the student's checks pass: same C, same T, and every row's views are the student's
-    table = read_soft_labels(args["soft_labels"], num_classes=c, temperature=temp, views=ViewSource(seed, n, cfg))
-    assert table.k == k and len(table) == n * args["epochs"]
-    teacher = load_teacher(args, torch.device("cpu"))
+    table = read_soft_labels(list(job.soft_labels), num_classes=c, temperature=temp, views=ViewSource(seed, n, cfg))
+    assert table.k == k and len(table) == n * job.epochs
+    teacher = load_teacher(job, torch.device("cpu"))
     ids = list(range(n))
     stored_by_epoch = []
-    for epoch in range(args["epochs"]):
+    for epoch in range(job.epochs):
         with torch.no_grad():
             logits = teacher(render_views(images, ids, seed, epoch, cfg)).float()
         online = full_target(logits, temp)  # what online mode trains on
@@ -139,16 +139,16 @@ def test_stored_and_online_relabel_give_the_same_targets(relabeled_run: Path) ->
 
 
 def test_student_refuses_soft_labels_of_other_views_or_temperature(relabeled_run: Path, tmp_path: Path) -> None:
-    args = student_args(open_context(fast_config(TOPK), relabeled_run))
-    args["output"], args["checkpoint"] = str(tmp_path / "student.pt"), str(tmp_path / "train-last.pt")
+    job = replace(student_job(open_context(fast_config(TOPK), relabeled_run)),
+                  output=str(tmp_path / "student.pt"), checkpoint=str(tmp_path / "train-last.pt"))
     with pytest.raises(ValueError) as err:  # labels made for seed 0, a student with seed 1
-        train_student({**args, "seed": args["seed"] + 1})
+        train_student(replace(job, data=replace(job.data, seed=job.data.seed + 1)))
     msg = str(err.value)
     assert "soft labels were made for other views: seed/resolution/mix settings differ; rerun relabel" in msg
-    assert msg.startswith(args["soft_labels"][0])
+    assert msg.startswith(job.soft_labels[0])
     with pytest.raises(ValueError) as err:
-        train_student({**args, "temperature": 4.0})
-    assert all(s in str(err.value) for s in (args["soft_labels"][0], "T = 20.0", "T = 4.0"))
+        train_student(replace(job, temperature=4.0))
+    assert all(s in str(err.value) for s in (job.soft_labels[0], "T = 20.0", "T = 4.0"))
     assert not (tmp_path / "train-last.pt").exists()
 
 
@@ -165,8 +165,8 @@ def test_relabel_reports_what_the_stored_targets_lose(relabeled_run: Path, tmp_p
     units = ctx.store.records("relabel")
     assert sum(u.metrics["measured_views"] for u in units) == 20 * 2  # fewer views than the sample size: all
     # the stored targets are still distributions over the 10 classes
-    args = student_args(ctx)
-    table = read_soft_labels(args["soft_labels"], num_classes=10, temperature=args["temperature"])
+    job = student_job(ctx)
+    table = read_soft_labels(list(job.soft_labels), num_classes=10, temperature=job.temperature)
     probs = table.targets(1, list(range(20)))
     assert table.k == 3 and probs.shape == (20, 10)
     torch.testing.assert_close(probs.sum(1), torch.ones(20), atol=1e-6, rtol=0)
@@ -221,24 +221,22 @@ def test_two_gloo_ranks_keep_identical_parameters(relabeled_run: Path, tmp_path:
     from tests.student_helpers import train_and_dump
 
     ctx = open_context(fast_config(TOPK), relabeled_run)
-    args = student_args(ctx)
-    args["output"] = str(tmp_path / "student.pt")
-    args["checkpoint"] = str(tmp_path / "train-last.pt")
-    metrics = launch_local(train_and_dump, {"args": args, "out": str(tmp_path)}, 2)
+    job = replace(student_job(ctx), output=str(tmp_path / "student.pt"), checkpoint=str(tmp_path / "train-last.pt"))
+    metrics = launch_local(train_and_dump, {"args": job, "out": str(tmp_path)}, 2)
     assert metrics["world_size"] == 2 and metrics["resumed_from_epoch"] is None
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    expected_steps = args["epochs"] * math.ceil(20 / args["batch_size"])
+    expected_steps = job.epochs * math.ceil(20 / job.batch_size)
     assert [r["steps"] for r in ranks] == [expected_steps, expected_steps]
     # parameters and buffers (BatchNorm running statistics, which each rank updates with its own batches)
     s0, s1 = ({**r["params"], **r["buffers"]} for r in ranks)
     assert s0.keys() == s1.keys() and any("running_mean" in k for k in s0)
     for key in s0:
         assert torch.equal(s0[key], s1[key]), f"ranks differ at {key}"
-    init = build_model(args["arch"], args["num_classes"], args["resolution"]).state_dict()
+    init = build_model(job.arch, job.data.num_classes, job.data.resolution).state_dict()
     assert all(not torch.equal(init[k], s0[k]) for k in init if "running" in k or k.endswith("weight"))
-    saved = torch.load(args["output"], weights_only=True)  # what rank 0 saved is what both ranks hold
+    saved = torch.load(job.output, weights_only=True)  # what rank 0 saved is what both ranks hold
     assert saved.keys() == s0.keys() and all(torch.equal(saved[k], s0[k]) for k in saved)
-    assert torch.load(args["checkpoint"], weights_only=True)["epoch"] == args["epochs"] - 1
+    assert torch.load(job.checkpoint, weights_only=True)["epoch"] == job.epochs - 1
 
 
 # ----------------------------------------------------------------------------- 4./5. kill and resume

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from pipeline.runner import run_pipeline
-from tests.conftest import fast_config
+from tests.helpers import fast_config
 
 
 @pytest.mark.slow

@@ -2,8 +2,8 @@
 
 How it works:
 
-- `connect_ray` joins an existing cluster (already initialised, inside a Ray job, RAY_ADDRESS, or
-  `executor.address` = "auto" / host:port / ray://...) or starts a private local one (no dashboard).
+- `workers.cluster.connect_ray` joins an existing cluster (already initialised, inside a Ray job,
+  RAY_ADDRESS, or `executor.address` = "auto" / host:port / ray://...) or starts a private local one.
 - Resources are decided *before* any actor exists: GPU actors (`num_gpus=1`) only when the stage needs a
   GPU and the cluster has GPUs; otherwise CPU actors sized by `executor.cpus_per_worker`. So no actor ever
   waits for a GPU that does not exist.
@@ -13,6 +13,7 @@ How it works:
   OOM kill, lost node) is replaced by a fresh one and its unit requeued, counting an attempt.
 - Stages are found inside actors by reference: the registry name (`get_stage`) for pipeline stages,
   `module:attr` for any other stage object bound to a module-level name (see `stage_ref`).
+- DDP jobs (`launch_ddp`) run on Ray Train in the same cluster (`workers.ray_train`).
 """
 
 from __future__ import annotations
@@ -28,15 +29,18 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 from ray import exceptions as rex
 
-from pipeline.config import Config, ExecutorConfig
+from pipeline.config import Config
+from pipeline.executors import execute
 from pipeline.stages import get_stage
-from pipeline.stages.base import Outcome, RunContext, Stage, Unit, execute
-from workers import in_ray_job
+from pipeline.stages.base import Outcome, RunContext, Stage, Unit
+from workers.cluster import connect_ray, describe_cluster
+
+JobSpec = TypeVar("JobSpec")
 
 log = logging.getLogger(__name__)
 
@@ -51,49 +55,6 @@ ACTOR_LOST_ERRORS: tuple[type[BaseException], ...] = (
     rex.NodeDiedError,
     rex.LocalRayletDiedError,
 )
-
-
-# --------------------------------------------------------------------------------------------- connection
-
-def connect_ray(ray_cfg: ExecutorConfig) -> bool:
-    """Make sure this process is connected to Ray; return True when it started a local cluster itself.
-
-    Order: an already initialised Ray (e.g. inside a task or a previous call) is used as it is; then
-    `ray_cfg.address`, then RAY_ADDRESS / a Ray job environment (address "auto"); otherwise a new private
-    local cluster with `ray_cfg.num_cpus` / `num_gpus` and no dashboard (`address="local"`, so a cluster
-    started elsewhere on this machine with `ray start` is never joined by accident). `_node_ip_address=
-    "127.0.0.1"` is not passed: Ray 2.60 resolves loopback to the node's own address anyway.
-
-    No runtime_env is passed: a local cluster's workers inherit this process's environment (venv,
-    PYTHONPATH, cwd on sys.path), and a job's driver already carries the job's runtime_env (working_dir
-    from `ray job submit --working-dir`), which a new one would replace. Worker logs go to the driver.
-    """
-    if ray.is_initialized():
-        return False
-    address = ray_cfg.address or os.environ.get("RAY_ADDRESS", "") or ("auto" if in_ray_job() else "")
-    if address:
-        # Joining: the job's runtime_env (working_dir, env vars) is inherited; never start a nested cluster.
-        log.info("ray: joining the cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
-        return False
-    ray.init(
-        address="local",  # never attach silently to a cluster started elsewhere with `ray start`
-        num_cpus=ray_cfg.num_cpus or None,
-        num_gpus=None if ray_cfg.num_gpus < 0 else ray_cfg.num_gpus,
-        include_dashboard=False,
-        log_to_driver=True,
-    )
-    log.info("ray: started a local cluster (%s)", _describe_cluster())
-    return True
-
-
-def _describe_cluster() -> str:
-    res = ray.cluster_resources()
-    try:
-        address = ray.get_runtime_context().gcs_address
-    except Exception:  # noqa: BLE001 - only for the log line
-        address = "?"
-    return f"address {address}, {res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs"
 
 
 def _max_node_resource(name: str) -> float:
@@ -241,7 +202,8 @@ def plan_actors(stage: Stage, cfg: Config, num_units: int, cluster: dict[str, fl
 # ------------------------------------------------------------------------------------------- executor
 
 class RayExecutor:
-    """Runs a distributed stage's units on Ray actors, retrying failed units and replacing dead actors."""
+    """Runs a distributed stage's units on Ray actors, retrying failed units and replacing dead actors, and
+    DDP jobs on Ray Train; implements `pipeline.executors.Executor`."""
 
     #: seconds between "still waiting" log lines while actors wait to be scheduled
     wait_log_s: float = 60.0
@@ -270,6 +232,13 @@ class RayExecutor:
             ray.shutdown()
         self._owns_cluster = False
         self._connected = False
+
+    def launch_ddp(self, fn: Callable[[JobSpec], dict[str, Any]], spec: JobSpec, workers: int) -> dict[str, Any]:
+        """Run `fn(spec)` on Ray Train in this executor's cluster (`workers` 0 = one per GPU; 1 without GPUs)."""
+        from workers.ray_train import launch_on_cluster
+
+        self.connect()
+        return launch_on_cluster(fn, spec, workers)
 
     @property
     def actors(self) -> list[Any]:
@@ -321,10 +290,11 @@ class RayExecutor:
         if stage.needs_gpu and plan.kind == "CPU":
             log.warning("stage %s: the cluster has no GPU; running on CPU actors", stage.name)
         log.info("stage %s: %d %s actor(s) (%g CPU, %g GPU each) for %d units; %s", stage.name, plan.count,
-                 plan.kind, plan.num_cpus, plan.num_gpus, len(units), _describe_cluster())
+                 plan.kind, plan.num_cpus, plan.num_gpus, len(units), describe_cluster())
         ref = stage_ref(stage)
         # Actors may run in another working directory: give them an absolute run directory.
-        ctx_ref = ray.put(dataclasses.replace(ctx, run_dir=Path(ctx.run_dir).resolve()))
+        # The driver's executor stays here (it is never pickled with a context anyway).
+        ctx_ref = ray.put(dataclasses.replace(ctx, run_dir=Path(ctx.run_dir).resolve(), executor=None))
 
         pending: deque[tuple[Unit, int]] = deque((u, 1) for u in units)
         starting: dict[Any, Any] = {}  # ready() ref -> actor

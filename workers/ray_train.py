@@ -1,12 +1,12 @@
-"""DDP jobs on Ray Train (TorchTrainer), and `launch_ddp`, which picks Ray Train or the local launcher.
+"""DDP jobs on Ray Train (TorchTrainer): the Ray executor's `launch_ddp`.
 
-The job function is the same everywhere: `fn(arg)` written with `pipeline.ddp` helpers runs unchanged
-under torchrun, under `pipeline.ddp.launch_local` and under Ray Train (which initialises the process
-group itself, so `init_from_env()` is a no-op there).
+The job function is the same everywhere: `fn(spec)` written with `pipeline.ddp` helpers runs unchanged
+under torchrun, under the local executor (`pipeline.ddp.launch_local`) and under Ray Train (which
+initialises the process group itself, so `init_from_env()` is a no-op there). Which launcher runs a job
+is the executor's choice (`workers.make_executor`), not this module's.
 
 Rank 0's return value comes back through a tiny mailbox actor, not through `Result.metrics` (Train V2
 may return None there) and not through a file (rank 0 may run on another node than the driver).
-Ray is imported only when Ray is used: `launch_ddp` without Ray works where Ray is not installed.
 """
 
 from __future__ import annotations
@@ -17,12 +17,15 @@ import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pipeline.config import Config, ExecutorConfig
-from workers import use_ray
+import ray
+
+from pipeline.config import ExecutorConfig
+from workers.cluster import connect_ray
 
 log = logging.getLogger(__name__)
+JobSpec = TypeVar("JobSpec")
 
 
 class _Mailbox:
@@ -41,8 +44,6 @@ class _Mailbox:
 
 def _train_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: call the job function, hand rank 0's value to the mailbox."""
-    import ray
-
     from pipeline.ddp import dist_info, init_from_env
 
     init_from_env()  # no-op: Ray Train has set up the process group
@@ -52,7 +53,7 @@ def _train_loop(config: dict[str, Any]) -> None:
 
 
 def launch_ray_train(
-    fn: Callable[[Any], Any], arg: Any, num_workers: int, use_gpu: bool, cpus_per_worker: int = 1,
+    fn: Callable[[JobSpec], Any], arg: JobSpec, num_workers: int, use_gpu: bool, cpus_per_worker: int = 1,
     storage_path: str | Path | None = None, name: str | None = None, max_failures: int = 0,
 ) -> Any:
     """Run `fn(arg)` on `num_workers` Ray Train workers (DDP) and return rank 0's return value.
@@ -63,11 +64,8 @@ def launch_ray_train(
     shared storage on a multi-node cluster). Connects to Ray (or starts a local cluster, shut down after)
     when this process is not connected yet. Raises RuntimeError when the job fails.
     """
-    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from workers.ray_executor import connect_ray
 
     owns = connect_ray(ExecutorConfig())
     tmp = None
@@ -120,33 +118,17 @@ def launch_ray_train(
             ray.shutdown()
 
 
-def launch_ddp(
-    fn: Callable[[Any], Any], arg: Any, num_workers: int, cfg: Config, cpus_per_worker: int = 1,
+def launch_on_cluster(
+    fn: Callable[[JobSpec], dict[str, Any]], spec: JobSpec, num_workers: int, cpus_per_worker: int = 1,
     storage_path: str | Path | None = None,
-) -> Any:
-    """Run a DDP job: Ray Train when the Ray executor is in use (`workers.use_ray(cfg)`), else local processes.
+) -> dict[str, Any]:
+    """The Ray executor's `launch_ddp`: `fn(spec)` on Ray Train in the connected cluster; rank 0's value.
 
-    Returns rank 0's return value. On Ray, GPU workers are used when the cluster has GPUs; locally, one
-    process per worker (gloo on CPU, nccl on GPU). `num_workers` 0 means one per GPU (1 without GPUs).
+    GPU workers when the cluster has GPUs, CPU workers with gloo otherwise; `num_workers` 0 means one
+    worker per GPU of the cluster (1 without GPUs).
     """
-    if use_ray(cfg):
-        import ray
-
-        from workers.ray_executor import connect_ray
-
-        owns = connect_ray(cfg.executor)
-        try:
-            gpus = int(ray.cluster_resources().get("GPU", 0))
-            num_workers = num_workers or max(1, gpus)  # 0 = one worker per GPU of the cluster
-            log.info("DDP job on Ray Train: %d %s worker(s)", num_workers, "GPU" if gpus else "CPU")
-            return launch_ray_train(fn, arg, num_workers, use_gpu=gpus > 0, cpus_per_worker=cpus_per_worker,
-                                    storage_path=storage_path)
-        finally:
-            if owns:
-                ray.shutdown()
-    import torch
-
-    from pipeline.ddp import launch_local
-
-    num_workers = num_workers or max(1, torch.cuda.device_count())  # 0 = one process per local GPU
-    return launch_local(fn, arg, num_workers)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    num_workers = num_workers or max(1, gpus)
+    log.info("DDP job on Ray Train: %d %s worker(s)", num_workers, "GPU" if gpus else "CPU")
+    return launch_ray_train(fn, spec, num_workers, use_gpu=gpus > 0, cpus_per_worker=cpus_per_worker,
+                            storage_path=storage_path)

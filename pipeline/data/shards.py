@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -20,11 +19,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from manifests.store import atomic_path, atomic_write_text
+
 INDEX_SCHEMA = pa.schema([
     ("key", pa.string()), ("cls", pa.int32()), ("shard", pa.string()), ("offset", pa.int64()),
     ("size", pa.int64()), ("ext", pa.string()),
 ])
-IMAGE_EXTS = ("jpg", "jpeg", "png")
 
 
 @dataclass(frozen=True)
@@ -42,23 +42,17 @@ def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}"
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def write_shard(folder: Path, name: str, samples: Iterable[Sample]) -> list[Path]:
-    """Write `name`.tar, `name`.idx and `name`.parquet into `folder`, each through a temp + rename.
+    """Write `name`.tar, `name`.idx and `name`.parquet into `folder`, each through `atomic_path`.
 
     Returns the three paths. The tar is written first, its index files after, so a
     reader that finds the parquet index also finds the complete tar.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     tar_path, idx_path, pq_path = (folder / f"{name}{ext}" for ext in (".tar", ".idx", ".parquet"))
     rows: list[dict] = []
     idx_lines: list[str] = []
-    tmp = _tmp(tar_path)
-    try:
+    with atomic_path(tar_path) as tmp:
         with open(tmp, "wb") as fh, tarfile.open(fileobj=fh, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for s in samples:
                 if "." in s.key or "/" in s.key:
@@ -82,20 +76,11 @@ def write_shard(folder: Path, name: str, samples: Iterable[Sample]) -> list[Path
                         rows.append({"key": s.key, "cls": int(s.cls), "shard": f"{name}.tar", "offset": offset,
                                      "size": len(data), "ext": ext})
                 idx_lines.append(" ".join(parts))
-            fh.flush()
-            os.fsync(fh.fileno())
         if not rows:
             raise ValueError(f"shard {name} would be empty")
-        os.replace(tmp, tar_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    tmp_idx = _tmp(idx_path)
-    tmp_idx.write_text(f"v1.2 {len(idx_lines)}\n" + "\n".join(idx_lines) + "\n")
-    os.replace(tmp_idx, idx_path)
-    tmp_pq = _tmp(pq_path)
-    pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), tmp_pq)
-    os.replace(tmp_pq, pq_path)
+    atomic_write_text(idx_path, f"v1.2 {len(idx_lines)}\n" + "\n".join(idx_lines) + "\n")
+    with atomic_path(pq_path) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows, schema=INDEX_SCHEMA), tmp)
     return [tar_path, idx_path, pq_path]
 
 

@@ -2,37 +2,33 @@
 
 from __future__ import annotations
 
-import io
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image
 
+from manifests.schema import Record
+from pipeline.data.images import decode_rgb  # also re-exported: stages, methods and tests import it from here
 from pipeline.data.shards import IndexedImages, read_index
 
 SYNTHETIC_DIR = "synthetic"
 
 
-def synthetic_index(run_dir: Path, recover_records: list) -> pa.Table:
-    """Rows of every synthetic image in a fixed order (recover units sorted by key): row = image id.
+def synthetic_index_paths(run_dir: str | Path, recover_records: Iterable[Record]) -> list[Path]:
+    """The parquet indexes of the synthetic shards, recover units sorted by key: the image-id order.
 
-    Built from the recover records' outputs, never by globbing, so files left by an
-    older configuration are never picked up.
+    Taken from the recover records' outputs, never by globbing, so files left by an older
+    configuration are never picked up. Pass the unit records (`ManifestStore.records("recover")`).
     """
-    paths = []
-    for rec in sorted(recover_records, key=lambda r: r.unit):
-        paths.extend(Path(run_dir) / o.uri for o in rec.outputs if o.uri.endswith(".parquet"))
-    return read_index(paths)
+    return [Path(run_dir) / o.uri for rec in sorted(recover_records, key=lambda r: r.unit)
+            for o in rec.outputs if o.uri.endswith(".parquet")]
 
 
-def decode_rgb(data: bytes, resolution: int | None = None) -> np.ndarray:
-    """Bytes -> uint8 HWC RGB, optionally resized (bilinear) to resolution x resolution."""
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    if resolution is not None and img.size != (resolution, resolution):
-        img = img.resize((resolution, resolution), Image.BILINEAR)
-    return np.asarray(img, dtype=np.uint8)
+def synthetic_index(run_dir: str | Path, recover_records: Iterable[Record]) -> pa.Table:
+    """Rows of every synthetic image in a fixed order (`synthetic_index_paths`): row = image id."""
+    return read_index(synthetic_index_paths(run_dir, recover_records))
 
 
 def load_images(folder: Path, index: pa.Table, resolution: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

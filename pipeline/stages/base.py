@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import socket
-import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from manifests.schema import FileRef
 from manifests.store import ManifestStore
 from pipeline.config import Config
 from pipeline.seeding import derive_seed
+
+if TYPE_CHECKING:
+    from pipeline.executors import Executor
 
 
 @dataclass(frozen=True)
@@ -52,13 +52,23 @@ class Outcome:
 
 @dataclass
 class RunContext:
-    """Everything a stage needs; picklable so it can travel to Ray actors."""
+    """Everything a stage needs; picklable so it can travel to Ray actors.
+
+    `executor` is the driver's executor, through which a stage running in the driver launches its DDP job
+    (`pipeline.stages.common.launch`). It is set by the runner and never pickled: an executor holds
+    driver-side state (a Ray connection, actor handles) that means nothing in another process, and the
+    stages that run in actors (ingest, recover, relabel) never launch jobs.
+    """
 
     run_dir: Path
     config: Config
     run_id: str
     hashes: dict[str, str] = field(default_factory=dict)
     code_version: str = ""
+    executor: Executor | None = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "executor": None}
 
     @property
     def store(self) -> ManifestStore:
@@ -84,8 +94,10 @@ class Stage:
     """Base class of the stages. Subclasses set the class attributes and override methods.
 
     - `sections`: config sections in this stage's hash (with the upstream hashes).
+    - `depends_on`: stages that must be complete first; the run order is derived from it
+      (`pipeline.stages.StageGraph`), and their hashes are part of this stage's hash.
     - `distributed`: units go through the executor (local or Ray actors); otherwise the
-      driver runs them itself (DDP jobs launch their own workers).
+      driver runs them itself (a DDP job launches its ranks through `ctx.executor.launch_ddp`).
     - `needs_gpu`: a Ray actor for this stage asks for one GPU when the cluster has GPUs.
     """
 
@@ -109,25 +121,3 @@ class Stage:
     def finalize(self, ctx: RunContext) -> dict[str, Any]:
         """Runs in the driver when every unit is done; returns stage-level metrics."""
         return {}
-
-
-def execute(worker: UnitWorker, unit: Unit, attempt: int = 1) -> Outcome:
-    """Run one unit and capture its result or its traceback."""
-    started = time.time()
-    host = socket.gethostname()
-    try:
-        result = worker.run(unit)
-        return Outcome(unit, result, attempt=attempt, started=started, ended=time.time(), host=host)
-    except Exception as exc:  # noqa: BLE001 - the traceback goes into the failure record
-        from pipeline.config import ConfigError
-
-        usage = str(exc) if isinstance(exc, ConfigError) else ""
-        error = "".join(traceback.format_exception(exc))
-        if _is_oom(exc):
-            error = "out of memory while running this unit (it will be retried)\n" + error
-        return Outcome(unit, None, error=error, attempt=attempt, started=started, ended=time.time(), host=host,
-                       usage_error=usage)
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()

@@ -1,46 +1,58 @@
-"""Helpers shared by the stages: real-data metadata, job launching, common job arguments."""
+"""Helpers shared by the stages: real-data metadata, the real-data job spec, job launching."""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pipeline.config import ConfigError
 from pipeline.stages.base import RunContext
+
+if TYPE_CHECKING:
+    from pipeline.trainloop import DataSpec
+
+JobSpec = TypeVar("JobSpec")
 
 TEACHER = "checkpoints/teacher.pt"
 STUDENT = "checkpoints/student.pt"
 
 
 def real_meta(ctx: RunContext) -> dict[str, Any]:
-    path = ctx.path("real", "classes.json")
-    if not path.exists():
-        raise ConfigError(f"{path} is missing: run the ingest stage first")
-    return json.loads(path.read_text())
+    """The ingest stage's class map (`real/classes.json`); a clear error when ingest has not run."""
+    from pipeline.data.classmap import read_class_map
+
+    return read_class_map(ctx.path("real"))
 
 
 def real_shards(ctx: RunContext, split: str) -> list[str]:
     return [str(ctx.path("real", f"{name}.tar")) for name in real_meta(ctx)["shards"][split]]
 
 
-def data_args(ctx: RunContext) -> dict[str, Any]:
-    """Arguments every DDP job needs for the real data (plain types: they cross process boundaries)."""
+def data_spec(ctx: RunContext) -> DataSpec:
+    """The real-data part of every job spec (squeeze, train, evaluate)."""
+    from pipeline.trainloop import DataSpec
+
     cfg = ctx.config
     meta = real_meta(ctx)
-    return {
-        "num_classes": meta["num_classes"], "resolution": cfg.data.resolution, "seed": cfg.seed,
-        "train_shards": real_shards(ctx, "train"), "val_shards": real_shards(ctx, "val"),
-        "num_train": meta["counts"]["train"], "loader": cfg.data.loader, "num_workers": cfg.data.num_workers,
-        "eval_batch_size": cfg.eval.batch_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
-    }
+    return DataSpec(
+        num_classes=meta["num_classes"], resolution=cfg.data.resolution, seed=cfg.seed,
+        train_shards=tuple(real_shards(ctx, "train")), val_shards=tuple(real_shards(ctx, "val")),
+        num_train=meta["counts"]["train"], loader=cfg.data.loader, num_workers=cfg.data.num_workers,
+        eval_batch_size=cfg.eval.batch_size, mean=tuple(cfg.data.mean), std=tuple(cfg.data.std),
+    )
 
 
-def launch(ctx: RunContext, fn: Any, args: dict[str, Any], workers: int) -> dict[str, Any]:
-    """Run a DDP job function on `workers` ranks (Ray Train in a Ray run, local processes otherwise)."""
-    from workers.ray_train import launch_ddp
+def launch(ctx: RunContext, fn: Callable[[JobSpec], dict[str, Any]], spec: JobSpec, workers: int) -> dict[str, Any]:
+    """Run the DDP job `fn(spec)` on `workers` ranks (0 = one per GPU) through the run's executor.
 
-    return launch_ddp(fn, args, workers, ctx.config)
+    The executor decides how (Ray Train on a Ray cluster, local processes otherwise). A context without
+    one (a stage worker used directly, outside the runner) gets the local launcher, like `run_pipeline`.
+    """
+    from pipeline.executors import LocalExecutor
+
+    executor = ctx.executor if ctx.executor is not None else LocalExecutor()
+    return executor.launch_ddp(fn, spec, workers)
 
 
 def run_teacher(ctx: RunContext, device: Any) -> Any:
@@ -52,8 +64,10 @@ def run_teacher(ctx: RunContext, device: Any) -> Any:
 
 
 def recover_index_paths(ctx: RunContext) -> list[str]:
-    recs = sorted(ctx.store.records("recover"), key=lambda r: r.unit)
-    return [str(ctx.path(o.uri)) for r in recs for o in r.outputs if o.uri.endswith(".parquet")]
+    """The synthetic set's parquet indexes in image-id order (`pipeline.data.synthetic.synthetic_index_paths`)."""
+    from pipeline.data.synthetic import synthetic_index_paths
+
+    return [str(p) for p in synthetic_index_paths(ctx.run_dir, ctx.store.records("recover"))]
 
 
 def check_file(path: Path, what: str) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from manifests.store import STAGE_RECORD, atomic_write_text
 from pipeline.stages.base import RunContext, Stage, Unit, UnitResult
-from pipeline.stages.common import STUDENT, data_args, real_meta
+from pipeline.stages.common import STUDENT, data_spec, real_meta
 
 SUMMARY = "results/summary.json"
 
@@ -57,21 +57,25 @@ class EvaluateWorker:
 
         ctx, c = self.ctx, self.ctx.config
         t0 = time.time()
-        args = data_args(ctx)
+        data = data_spec(ctx)
         device = ddp.device_for_rank()
-        model = build_model(c.train.arch, args["num_classes"], c.data.resolution)
+        model = build_model(c.train.arch, data.num_classes, c.data.resolution)
         model.load_state_dict(load_weights(ctx.path(STUDENT)))
-        m = evaluate(model.to(device), val_loader(args, 0, 1, device), device, c.train.amp)
+        m = evaluate(model.to(device), val_loader(data, 0, 1, device), device, c.train.amp)
         store = ctx.store
         squeeze = store.load("squeeze", "import") or store.load("squeeze", "train")
         train = store.load("train", "job")
         history = train.metrics.get("history", []) if train else []
+        from pipeline.stages import stage_order
+
         wall = {}
-        for stage in ("ingest", "squeeze", "recover", "relabel", "train"):
+        for stage in stage_order():  # the stages before this one, in run order
+            if stage == EvaluateStage.name:
+                break
             rec = store.load(stage, STAGE_RECORD)
             if rec is not None:
                 wall[stage] = rec.metrics.get("wall_s")
-        wall["evaluate"] = round(time.time() - t0, 3)
+        wall[EvaluateStage.name] = round(time.time() - t0, 3)
         relabel = store.load("relabel", STAGE_RECORD)
         summary = {
             "run_id": ctx.run_id, "dataset": c.data.dataset, "method": c.recover.method, "ipc": c.recover.ipc,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -11,18 +10,17 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from manifests.store import atomic_write_text
 from pipeline.config import ConfigError
 from pipeline.data import demo
+from pipeline.data.classmap import REAL_DIR, write_class_map
+from pipeline.data.images import SOURCE_IMAGE_SUFFIXES
 from pipeline.data.shards import Sample, shard_name, write_shard
 from pipeline.seeding import derive_seed
 from pipeline.stages.base import RunContext, Stage, Unit, UnitResult
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif"}
 SPLITS = ("train", "val")
-REAL_DIR = "real"
 
 
 class BadImage(Exception):
@@ -57,7 +55,7 @@ def list_folder(root: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]]
         for ci, name in enumerate(classes):
             folder = root / split / name
             files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-            images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+            images = [p for p in files if p.suffix.lower() in SOURCE_IMAGE_SUFFIXES]
             skipped += len(files) - len(images)
             if not images:
                 raise ConfigError(f"class folder {folder} holds no images; remove it from both splits or add images")
@@ -146,7 +144,7 @@ class IngestStage(Stage):
         meta = {"classes": classes, "num_classes": len(classes), "counts": counts, "source": cfg.source,
                 "dataset": cfg.dataset, "shards": {s: sorted(r.unit for r in records if r.unit.startswith(s + "-"))
                                                    for s in SPLITS}}
-        atomic_write_text(ctx.path(REAL_DIR, "classes.json"), json.dumps(meta, indent=1))
+        write_class_map(ctx.path(REAL_DIR), meta)
         return {"num_classes": len(classes), "train_images": counts["train"], "val_images": counts["val"],
                 "bad_images": len(bad), "non_image_files": skipped}
 

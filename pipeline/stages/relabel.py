@@ -11,12 +11,13 @@ and uses the full target, so those metrics are 0).
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from manifests.store import atomic_path
+from pipeline.augment import ViewConfig
 from pipeline.data.synthetic import SYNTHETIC_DIR, load_images
 from pipeline.stages.base import RunContext, Stage, Unit, UnitResult
 from pipeline.stages.common import real_meta, recover_index_paths, run_teacher
@@ -51,10 +52,11 @@ def num_synthetic(ctx: RunContext) -> int:
     return sum(int(r.metrics.get("images", 0)) for r in ctx.store.records("recover"))
 
 
-def view_args(ctx: RunContext) -> dict[str, Any]:
+def view_spec(ctx: RunContext) -> ViewConfig:
+    """How the student's views are drawn; relabel labels exactly these views."""
     t = ctx.config.train
-    return {"resolution": ctx.config.data.resolution, "crop_scale_min": t.crop_scale_min, "mix": t.mix,
-            "mix_alpha": t.mix_alpha}
+    return ViewConfig(resolution=ctx.config.data.resolution, crop_scale=(t.crop_scale_min, 1.0), mix=t.mix,
+                      mix_alpha=t.mix_alpha)
 
 
 class RelabelStage(Stage):
@@ -115,11 +117,11 @@ class RelabelWorker:
             target_error,
             teacher_probs,
         )
-        from pipeline.student import render_views, view_config
+        from pipeline.student import render_views
 
         ctx = self.ctx
         a, b = unit.payload["ids"]
-        cfg = view_config(view_args(ctx))
+        cfg = view_spec(ctx)
         k, seed, bs = top_k(ctx), ctx.config.seed, ctx.config.relabel.batch_size
         c, temp, epochs = real_meta(ctx)["num_classes"], ctx.config.train.temperature, ctx.config.train.epochs
         amp = self.device.type == "cuda" and ctx.config.train.amp
@@ -128,11 +130,10 @@ class RelabelWorker:
         errors = {"tv": 0.0, "kl": 0.0, "residual": 0.0}
         measured = 0
         path = ctx.path(SOFT_DIR, f"{unit.key}.parquet")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         views = ViewSource(seed, len(self.images), cfg)
         # Streamed epoch by epoch: memory stays at one epoch of the unit's labels even with every class kept.
-        with SoftLabelWriter(str(tmp), c, k, temp, views, metadata={"teacher_arch": ctx.config.squeeze.arch}) as out:
+        with atomic_path(path) as tmp, SoftLabelWriter(str(tmp), c, k, temp, views,
+                                                       metadata={"teacher_arch": ctx.config.squeeze.arch}) as out:
             for epoch in range(epochs):
                 for s in range(a, b, bs):
                     ids = list(range(s, min(s + bs, b)))
@@ -150,7 +151,6 @@ class RelabelWorker:
                             errors[name] += float(v.double().sum())
                         measured += len(pick)
                     out.write(ids, [epoch] * len(ids), draw_views(seed, epoch, ids, len(self.images), cfg), labels)
-        os.replace(tmp, path)
         metrics: dict[str, Any] = {"rows": out.rows, "images": b - a, "measured_views": measured}
         for name, key in zip(("tv", "kl", "residual"), ERROR_METRICS, strict=True):
             metrics[key] = errors[name] / measured if measured else None

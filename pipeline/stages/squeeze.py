@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pipeline.config import ConfigError
 from pipeline.stages.base import RunContext, Stage, Unit, UnitResult
-from pipeline.stages.common import TEACHER, data_args, launch
+from pipeline.stages.common import TEACHER, data_spec, launch
+
+if TYPE_CHECKING:
+    from pipeline.trainloop import TeacherJob
 
 
 class SqueezeStage(Stage):
@@ -27,15 +30,17 @@ class SqueezeStage(Stage):
         return SqueezeWorker(ctx)
 
 
-def teacher_args(ctx: RunContext) -> dict[str, Any]:
-    """Plain-dict arguments of the teacher job (they cross process boundaries)."""
+def teacher_job(ctx: RunContext) -> TeacherJob:
+    """The teacher job of this run (also what `python -m pipeline.torchrun --job squeeze` runs)."""
+    from pipeline.trainloop import TeacherJob
+
     sq = ctx.config.squeeze
-    return {
-        **data_args(ctx), "arch": sq.arch, "epochs": sq.epochs, "batch_size": sq.batch_size,
-        "optimizer": sq.optimizer, "warmup_epochs": sq.warmup_epochs, "lr": sq.lr, "weight_decay": sq.weight_decay, "amp": sq.amp,
-        "weights": sq.weights, "checkpoint": str(ctx.path("checkpoints", "squeeze-last.pt")),
-        "output": str(ctx.path(TEACHER)), "config_hash": ctx.hashes["squeeze"],
-    }
+    return TeacherJob(
+        data=data_spec(ctx), arch=sq.arch, epochs=sq.epochs, batch_size=sq.batch_size, optimizer=sq.optimizer,
+        warmup_epochs=sq.warmup_epochs, lr=sq.lr, weight_decay=sq.weight_decay, amp=sq.amp, weights=sq.weights,
+        checkpoint=str(ctx.path("checkpoints", "squeeze-last.pt")), output=str(ctx.path(TEACHER)),
+        config_hash=ctx.hashes["squeeze"],
+    )
 
 
 class SqueezeWorker:
@@ -46,14 +51,14 @@ class SqueezeWorker:
         from pipeline.trainloop import import_teacher, train_teacher
 
         ctx, sq = self.ctx, self.ctx.config.squeeze
-        args = teacher_args(ctx)
+        job = teacher_job(ctx)
         if unit.key == "import":
             try:
-                metrics = import_teacher(args)
+                metrics = import_teacher(job)
             except (ValueError, FileNotFoundError) as exc:
                 raise ConfigError(str(exc)) from None
         else:
-            metrics = launch(ctx, train_teacher, args, sq.workers)
+            metrics = launch(ctx, train_teacher, job, sq.workers)
         metrics["arch"] = sq.arch
         return UnitResult(outputs=[ctx.ref(ctx.path(TEACHER))], metrics=metrics)
 

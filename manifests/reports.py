@@ -1,0 +1,180 @@
+"""Report writers of `distill collect`: the markdown table, csv, parquet and the PNG plot.
+
+The markdown table has one row per (dataset, teacher, student, method) and one column per IPC;
+csv and parquet hold the long form (LONG_COLUMNS). Every file is written through the store's
+atomic helpers.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from manifests.results import LONG_COLUMNS, RunResult
+from manifests.store import atomic_path, atomic_write_bytes, atomic_write_text
+
+ROW_KEYS = ("dataset", "teacher", "student", "method")
+OUT_SUFFIXES = (".md", ".csv", ".parquet")
+
+
+def format_cell(mean: float, std: float | None, n: int) -> str:
+    """'mean ± std (n=N)' with two decimals; a single run shows its value and n=1."""
+    if std is None or n < 2:
+        return f"{mean:.2f} (n={n})"
+    return f"{mean:.2f} ± {std:.2f} (n={n})"
+
+
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _link(target: Path, base: Path | None) -> str:
+    if base is None:
+        return str(target)
+    try:
+        return os.path.relpath(target.resolve(), base.resolve())
+    except ValueError:  # another drive (Windows)
+        return str(target.resolve())
+
+
+def format_markdown(
+    rows: Sequence[dict[str, Any]], runs: Sequence[RunResult] = (), problems: Sequence[str] = (),
+    link_base: Path | None = None,
+) -> str:
+    """The paper-style table: one row per (dataset, teacher, student, method), IPC as columns.
+
+    With `runs`, a list of the runs and links to their image grids follows (links relative to
+    `link_base`, the folder of the markdown file, when given). With `problems`, the runs left out.
+    """
+    lines = ["# Results", ""]
+    if not rows:
+        lines += ["No verified, complete run.", ""]
+    else:
+        ipcs = sorted({int(r["ipc"]) for r in rows})
+        table: dict[tuple[str, ...], dict[int, dict[str, Any]]] = defaultdict(dict)
+        for r in rows:
+            table[tuple(r[k] for k in ROW_KEYS)][int(r["ipc"])] = r
+        head = ["dataset", "teacher", "student", "method", "teacher top-1"] + [f"IPC {i}" for i in ipcs]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "|".join(["---"] * 4 + ["---:"] * (1 + len(ipcs))) + "|")
+        for key in sorted(table):
+            cells = table[key]
+            teacher = [c["teacher_top1_mean"] for c in cells.values() if c["teacher_top1_mean"] is not None]
+            teacher_cell = f"{statistics.fmean(teacher):.2f}" if teacher else "-"
+            values = [format_cell(cells[i]["top1_mean"], cells[i]["top1_std"], cells[i]["n_seeds"])
+                      if i in cells else "-" for i in ipcs]
+            lines.append("| " + " | ".join(_md_escape(v) for v in [*key, teacher_cell, *values]) + " |")
+        lines += ["", "Cells: student top-1 on the real validation set, mean ± sample std (ddof=1) over seeds, "
+                  "n = number of runs.", ""]
+    if runs:
+        lines += ["## Runs", "", "| run | dataset | method | IPC | seed | top-1 | top-5 | image grids |",
+                  "|---|---|---|---:|---:|---:|---:|---|"]
+        for run in sorted(runs, key=lambda r: (r.group, r.seed, str(r.run_dir))):
+            grids = " ".join(f"[{g.stem}]({_link(g, link_base)})" for g in run.grids if g.exists()) or "-"
+            top5 = "-" if run.top5 is None else f"{run.top5:.2f}"
+            lines.append(f"| [{_md_escape(run.run_dir.name)}]({_link(run.run_dir, link_base)}) | "
+                         f"{_md_escape(run.dataset)} | {_md_escape(run.method)} | {run.ipc} | {run.seed} | "
+                         f"{run.top1:.2f} | {top5} | {grids} |")
+        lines.append("")
+    if problems:
+        lines += ["## Not counted", ""] + [f"- {_md_escape(p)}" for p in problems] + [""]
+    return "\n".join(lines)
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return ";".join(map(str, value))
+    return value
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """Long-form rows as CSV (`runs` joined with ';', missing values empty)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(LONG_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_value(row.get(k)) for k in LONG_COLUMNS})
+    atomic_write_text(Path(path), buf.getvalue())
+    return Path(path)
+
+
+def write_parquet(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """Long-form rows as Parquet (`runs` a list of strings, missing values null)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([
+        ("dataset", pa.string()), ("teacher", pa.string()), ("student", pa.string()), ("method", pa.string()),
+        ("ipc", pa.int64()), ("n_seeds", pa.int64()), ("top1_mean", pa.float64()), ("top1_std", pa.float64()),
+        ("top5_mean", pa.float64()), ("teacher_top1_mean", pa.float64()), ("runs", pa.list_(pa.string())),
+    ])
+    table = pa.Table.from_pylist([{k: row.get(k) for k in LONG_COLUMNS} for row in rows], schema=schema)
+    with atomic_path(Path(path)) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
+
+
+def write_markdown(path: Path, text: str) -> Path:
+    atomic_write_text(Path(path), text)
+    return Path(path)
+
+
+def write_plot(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """Top-1 against IPC, one line per method with std error bars; one panel per (dataset, teacher, student)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels: dict[tuple[str, str, str], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        panels[(r["dataset"], r["teacher"], r["student"])][r["method"]].append(r)
+    n = max(1, len(panels))
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False)
+    for ax, key in zip(axes[0], sorted(panels), strict=False):
+        for method, points in sorted(panels[key].items()):
+            points = sorted(points, key=lambda p: p["ipc"])
+            ax.errorbar([p["ipc"] for p in points], [p["top1_mean"] for p in points],
+                        yerr=[p["top1_std"] or 0.0 for p in points], marker="o", capsize=3, label=method)
+        ipcs = sorted({p["ipc"] for pts in panels[key].values() for p in pts})
+        if len(ipcs) > 1 and ipcs[0] > 0 and ipcs[-1] / ipcs[0] >= 10:
+            ax.set_xscale("log")
+        ax.set_xticks(ipcs, [str(i) for i in ipcs])
+        ax.set_title(f"{key[0]}: {key[1]} -> {key[2]}", fontsize=9)
+        ax.set_xlabel("images per class")
+        ax.set_ylabel("student top-1")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if not panels:
+        axes[0][0].text(0.5, 0.5, "no verified run", ha="center", va="center")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
+
+
+def write_outputs(out: Path, rows: Sequence[dict[str, Any]], markdown: str) -> list[Path]:
+    """The table in the format `out`'s suffix names, plus `<stem>.png` beside it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    suffix = out.suffix.lower()
+    if suffix == ".md":
+        written = [write_markdown(out, markdown)]
+    elif suffix == ".csv":
+        written = [write_csv(out, rows)]
+    elif suffix == ".parquet":
+        written = [write_parquet(out, rows)]
+    else:
+        raise ValueError(f"--out must end in {', '.join(OUT_SUFFIXES)} (got '{out.name}')")
+    written.append(write_plot(out.with_suffix(".png"), rows))
+    return written

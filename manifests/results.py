@@ -1,0 +1,165 @@
+"""The results table: a verified run's entry (from its evaluate record) and the grouped mean ± std.
+
+Runs are grouped by (dataset, teacher, student, method, ipc); a group's top-1 is reported as
+mean ± sample std (ddof=1) over its runs (seeds), in long form (LONG_COLUMNS).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from manifests.schema import Record
+from manifests.store import STAGE_RECORD
+
+EVALUATE = "evaluate"
+RECOVER = "recover"
+GROUP_KEYS = ("dataset", "teacher", "student", "method", "ipc")
+LONG_COLUMNS = (
+    "dataset", "teacher", "student", "method", "ipc", "n_seeds", "top1_mean", "top1_std", "top5_mean",
+    "teacher_top1_mean", "runs",
+)
+
+
+@dataclass
+class RunResult:
+    """One verified, complete run: where it lives and what its evaluation recorded."""
+
+    run_dir: Path
+    dataset: str
+    teacher: str
+    student: str
+    method: str
+    ipc: int
+    seed: int
+    top1: float
+    top5: float | None = None
+    teacher_top1: float | None = None
+    run_id: str = ""
+    grids: list[Path] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def group(self) -> tuple[str, str, str, str, int]:
+        return (self.dataset, self.teacher, self.student, self.method, self.ipc)
+
+
+def _read_config(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((run_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _incomplete_message(run_dir: Path, records: dict[str, list[Record]]) -> str:
+    done = [s for s, recs in records.items() if any(r.unit == STAGE_RECORD for r in recs)]
+    from pipeline.stages import stage_order  # the one list of stages (only for this message's order)
+
+    order = stage_order()
+    done.sort(key=lambda s: (order.index(s) if s in order else len(order), s))
+    failed = sorted(p.parent.name for p in (run_dir / "manifests").glob("*/*.failed.json"))
+    msg = f"run {run_dir}: incomplete (no evaluate record; stages complete: {', '.join(done) or 'none'}"
+    if failed:
+        msg += f"; failed units in: {', '.join(sorted(set(failed)))}"
+    return msg + "); not counted"
+
+
+def _as_float(value: Any) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(out) else out
+
+
+def run_result(run_dir: Path, records: dict[str, list[Record]]) -> tuple[RunResult | None, list[str]]:
+    """The table entry of a complete run from its evaluate record (config.json fills gaps)."""
+    run_dir = Path(run_dir)
+    evals = [r for r in records.get(EVALUATE, []) if r.unit != STAGE_RECORD and r.status == "done"]
+    if not evals:
+        return None, [_incomplete_message(run_dir, records)]
+    summary = dict(max(evals, key=lambda r: r.ended).metrics)
+    cfg = _read_config(run_dir)
+
+    def pick(key: str, *path: str) -> Any:
+        if summary.get(key) not in (None, ""):
+            return summary[key]
+        node: Any = cfg
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    top1 = _as_float(summary.get("top1"))
+    if top1 is None:
+        return None, [f"run {run_dir}: stage evaluate: record has no numeric top1; not counted"]
+    values = {
+        "dataset": pick("dataset", "data", "dataset"), "teacher": pick("teacher", "squeeze", "arch"),
+        "student": pick("student", "train", "arch"), "method": pick("method", "recover", "method"),
+        "ipc": pick("ipc", "recover", "ipc"), "seed": pick("seed", "seed"),
+    }
+    missing = [k for k, v in values.items() if v in (None, "")]
+    if missing:
+        return None, [f"run {run_dir}: cannot tell its {', '.join(missing)} (neither in the evaluate record nor "
+                      "in config.json); not counted"]
+    try:
+        ipc, seed = int(values["ipc"]), int(values["seed"])
+    except (TypeError, ValueError):
+        return None, [f"run {run_dir}: ipc {values['ipc']!r} / seed {values['seed']!r} are not integers; not counted"]
+    grid_names = []
+    for rec in records.get(RECOVER, []):
+        if rec.unit == STAGE_RECORD:
+            grid_names.extend(rec.metrics.get("grids", []) or [])
+    return RunResult(
+        run_dir=run_dir, dataset=str(values["dataset"]), teacher=str(values["teacher"]),
+        student=str(values["student"]), method=str(values["method"]), ipc=ipc,
+        seed=seed, top1=top1, top5=_as_float(summary.get("top5")),
+        teacher_top1=_as_float(summary.get("teacher_top1")), run_id=str(cfg.get("run_id", evals[0].run_id)),
+        grids=[run_dir / g for g in grid_names], summary=summary,
+    ), []
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def results_table(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
+    """Long-form rows, one per (dataset, teacher, student, method, ipc), sorted.
+
+    Keys: LONG_COLUMNS. `top1_std` is the sample std (ddof=1) or None for a single run;
+    `runs` lists the run directories.
+    """
+    groups: dict[tuple[str, str, str, str, int], list[RunResult]] = defaultdict(list)
+    for run in runs:
+        groups[run.group].append(run)
+    rows = []
+    for key in sorted(groups):
+        members = sorted(groups[key], key=lambda r: (r.seed, str(r.run_dir)))
+        top1_mean, top1_std = _mean_std([r.top1 for r in members])
+        top5 = [r.top5 for r in members if r.top5 is not None]
+        teacher = [r.teacher_top1 for r in members if r.teacher_top1 is not None]
+        rows.append({
+            **dict(zip(GROUP_KEYS, key, strict=True)),
+            "n_seeds": len(members),
+            "top1_mean": top1_mean,
+            "top1_std": top1_std,
+            "top5_mean": statistics.fmean(top5) if len(top5) == len(members) else None,
+            "teacher_top1_mean": statistics.fmean(teacher) if teacher else None,
+            "runs": [str(r.run_dir) for r in members],
+        })
+    return rows
+
+
+def duplicate_seeds(runs: Sequence[RunResult]) -> list[str]:
+    """Warnings for groups that hold the same seed twice (counted, but not independent)."""
+    seen: dict[tuple[Any, ...], list[str]] = defaultdict(list)
+    for run in runs:
+        seen[(*run.group, run.seed)].append(str(run.run_dir))
+    return [f"seed {k[-1]} of {'/'.join(map(str, k[:-1]))} appears in {len(v)} runs: {', '.join(v)}"
+            for k, v in seen.items() if len(v) > 1]

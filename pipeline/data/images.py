@@ -1,0 +1,100 @@
+"""Image decoding and the loaders' per-image transforms (the PIL path; the DALI path mirrors them).
+
+Transforms (R = resolution):
+
+=========  ======================================================  ==================================
+           R > 64                                                  R <= 64
+=========  ======================================================  ==================================
+train      RandomResizedCrop(R, scale 0.08-1, ratio 3/4-4/3), flip   resize to R x R, pad 4, random crop R, flip
+eval       resize shorter side to int(R * 256 / 224), center crop R  resize to R x R
+=========  ======================================================  ==================================
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from pipeline.crops import RandomDraws, random_resized_crop
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+IMAGE_EXTS = ("jpg", "jpeg", "png")
+"""Extensions a shard sample's image member may have (ingest writes jpg or png; both loaders accept these)."""
+SOURCE_IMAGE_SUFFIXES = frozenset({f".{e}" for e in IMAGE_EXTS} | {".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif"})
+"""File suffixes ingest reads from a data folder (lower case); it stores other formats as PNG members."""
+
+SMALL_RESOLUTION = 64
+"""At or below this side, the CIFAR-style transforms apply (pad-and-crop, plain resize)."""
+SMALL_PAD = 4
+"""Padding (pixels, each side) of the CIFAR-style training crop."""
+
+
+def decode_rgb_image(data: bytes) -> Image.Image:
+    """Encoded bytes -> PIL image in RGB (grey, palette, CMYK and alpha images converted)."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode_rgb(data: bytes, resolution: int | None = None) -> np.ndarray:
+    """Encoded bytes -> uint8 HWC RGB array, optionally resized (bilinear) to resolution x resolution."""
+    from PIL import Image
+
+    img = decode_rgb_image(data)
+    if resolution is not None and img.size != (resolution, resolution):
+        img = img.resize((resolution, resolution), Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def train_crop_window(rng: random.Random, width: int, height: int) -> tuple[int, int, int, int]:
+    """(left, top, w, h) of the training RandomResizedCrop window, in PIL's box order.
+
+    The shared sampler with Python's draws; the offsets are drawn left first, as this loader always did.
+    """
+    top, left, h, w = random_resized_crop(RandomDraws(rng), height, width, left_first=True)
+    return int(left), int(top), int(w), int(h)
+
+
+def pil_transform(img: Image.Image, resolution: int, train: bool, rng: random.Random | None = None) -> torch.Tensor:
+    """The transform of the table above on one RGB PIL image -> uint8 tensor [3, R, R] (not normalized).
+
+    Training draws from `rng`, in this order: the crop window (R > 64) or the pad-crop offsets
+    (top, then left), then the flip.
+    """
+    from PIL import Image
+
+    r = resolution
+    bilinear = Image.Resampling.BILINEAR
+    if train:
+        if rng is None:
+            raise ValueError("training transforms need an rng")
+        if r > SMALL_RESOLUTION:
+            left, top, w, h = train_crop_window(rng, img.width, img.height)
+            arr = np.asarray(img.resize((r, r), bilinear, box=(left, top, left + w, top + h)))
+        else:
+            small = np.asarray(img.resize((r, r), bilinear))
+            pad = SMALL_PAD
+            padded = np.zeros((r + 2 * pad, r + 2 * pad, 3), dtype=np.uint8)
+            padded[pad:pad + r, pad:pad + r] = small
+            top, left = rng.randint(0, 2 * pad), rng.randint(0, 2 * pad)
+            arr = padded[top:top + r, left:left + r]
+        if rng.random() < 0.5:
+            arr = arr[:, ::-1]
+    elif r > SMALL_RESOLUTION:
+        short = int(r * 256 / 224)
+        w, h = img.size
+        size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        resized = img.resize(size, bilinear)
+        top, left = int(round((size[1] - r) / 2.0)), int(round((size[0] - r) / 2.0))
+        arr = np.asarray(resized)[top:top + r, left:left + r]
+    else:
+        arr = np.asarray(img.resize((r, r), bilinear))
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
