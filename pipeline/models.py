@@ -27,10 +27,6 @@ from torchvision import models as tv_models
 # The project's own architectures (not in torchvision).
 OWN_ARCHS: tuple[str, ...] = ("convnet", "convnet-in", "convnet-nn", "lenet", "mlp")
 
-# Kept for callers that still test `name in ARCHS` (pipeline/config.py does): the own names plus the ResNets
-# that were the only torchvision models accepted before, so recipes using them keep validating. It is not the
-# full list of accepted names: use `check_arch` / `available_archs` for that.
-ARCHS: tuple[str, ...] = (*OWN_ARCHS, "resnet18", "resnet50", "resnet101")
 
 Norm = Literal["batch", "instance", "none"]
 _CONVNET_NORMS: dict[str, Norm] = {"convnet": "batch", "convnet-in": "instance", "convnet-nn": "none"}
