@@ -188,3 +188,10 @@ def test_every_value_is_range_checked_at_load(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config("demo", overrides=[override])
     assert main(["run", "--run-dir", "/nonexistent/never-made", "--set", override]) == 2
+
+
+def test_floats_in_exponent_notation_are_read_as_floats():
+    cfg = load_config("demo", overrides=["train.lr=1e-3", "recover.dwa.rho=15e-3"])
+    assert cfg.train.lr == 1e-3 and cfg.recover.dwa.rho == 15e-3
+    with pytest.raises(ConfigError, match=r"train\.lr': expected float, got 'fast'"):
+        load_config("demo", overrides=["train.lr=fast"])

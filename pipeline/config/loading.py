@@ -30,7 +30,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.loader": ("auto", "pil", "dali"),
     "squeeze.optimizer": ("sgd", "sgd-nesterov", "adamw"),
     "train.optimizer": ("adamw", "sgd", "sgd-nesterov"),
-    "recover.init": ("auto", "real", "noise"),
+    # kept in step with pipeline.methods.env.INIT_KINDS (that module imports torch; this one must not)
+    "recover.init": ("auto", "real", "noise", "real-correct", "real-herding", "real-k-center"),
     "recover.amp": ("bf16", "none"),
     "relabel.mode": ("stored", "online"),
     "train.mix": ("cutmix", "mixup", "none"),
@@ -77,6 +78,12 @@ def _coerce(key: str, value: Any, expected: Any) -> Any:
         raise ConfigError(f"config key '{key}': expected {expected}, got {value!r} ({type(value).__name__})")
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is float and isinstance(value, str):
+        # PyYAML (YAML 1.1) reads `1e-3` as a string (it wants `1.0e-3`): accept what Python reads as a float.
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
     if origin is list:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"config key '{key}': expected a list, got {value!r} ({type(value).__name__})")

@@ -87,7 +87,9 @@ class RecoverCommon:
 
     method: str = _f("dwa", "recover method (see `distill methods`)")
     ipc: int = _f(10, "images per class")
-    init: str = _f("auto", "initial images: auto (the method's default) | real | noise")
+    init: str = _f("auto", "initial images: auto (the method's default) | noise | real (seeded random real "
+                   "images) | real-correct (real images the teacher classifies correctly, PAD's idea) | "
+                   "real-herding | real-k-center (the selection methods' picks)")
     classes_per_shard: int = _f(0, "classes per unit and per synthesis batch (0 = min(100, classes))")
     ipc_per_unit: int = _f(10, "images per class in one unit of work (methods that make a class's images "
                            "together take all IPC in one unit)")

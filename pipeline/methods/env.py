@@ -7,14 +7,26 @@ into units, and any worker, picks the same images.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from pipeline.seeding import generator
+
+SELECTIONS = ("herding", "k-center")  # the greedy selections of `pipeline.selection`, by method name
+INIT_KINDS = ("real", "real-correct", *(f"real-{s}" for s in SELECTIONS))  # what `init_rows` accepts
+
+
+class ClassForward(NamedTuple):
+    """One teacher pass over all real training images of a class, in `RealPool.rows(cls)` order."""
+
+    rows: list[int]
+    feats: torch.Tensor  # [n, d] float32 on the CPU: the input of the teacher's last nn.Linear
+    preds: torch.Tensor  # [n] int64 on the CPU: the teacher's argmax class
 
 
 @dataclass
@@ -26,12 +38,22 @@ class RecoverEnv:
     resolution: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    init: str = "noise"  # initial images: noise | real (`recover.init`, auto resolved by the method)
+    init: str = "noise"  # initial images: noise | one of INIT_KINDS (`recover.init`, auto resolved by the method)
     amp: torch.dtype | None = None  # autocast dtype on GPU, None = fp32
     channels_last: bool = False
     teacher: torch.nn.Module | None = None
     real: RealPool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    feature_batch: int = 256  # real images per teacher forward in `features` (bounds activation memory)
+    # Classes whose teacher pass `features` keeps (least recently used dropped first). The default covers a
+    # default class shard (at most 100 classes), so a unit's classes go through the teacher once even when
+    # `init_rows` comes back to them for every IPC index. ImageNet + ResNet-18 (512-d, ~1300 images a class):
+    # about 2.7 MB a class, 340 MB in all, in host memory.
+    feature_cache_classes: int = 128
+    _forward: OrderedDict[int, ClassForward] = field(default_factory=OrderedDict, init=False, repr=False,
+                                                     compare=False)
+    # Derived per-class row lists (a few ints each, so never evicted): correct rows, greedy selections.
+    _rows: dict[tuple[str, int], list[int]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def require_real(self) -> RealPool:
         if self.real is None:
@@ -44,12 +66,138 @@ class RecoverEnv:
         The order is keyed by (run seed, "real-pick", class), so random-real and real-initialized methods pick
         the same images for (class, j) whatever the unit split.
         """
+        return self.require_real().batch(self.init_rows("real", classes, j))
+
+    def init_batch(self, classes: range, j: int, kind: str | None = None) -> torch.Tensor:
+        """Normalized real images `init_rows(kind, classes, j)`; kind defaults to this env's `init`."""
+        return self.require_real().batch(self.init_rows(self.init if kind is None else kind, classes, j))
+
+    def init_rows(self, kind: str, classes: range, j: int, need: int = 0) -> list[int]:
+        """One real row per class for IPC index j, by `kind`:
+
+        real: the j-th of the class's order keyed by (run seed, "real-pick", class), what `real_init` and
+        random-real use; real-correct: the j-th of `correct_rows` (that same order, keeping the images the teacher
+        classifies correctly), or the real pick where the teacher gets none of the class right; real-herding /
+        real-k-center: the j-th image of that greedy selection (`selected_rows`), what the herding / k-center
+        methods output. Indices past the end wrap around. `need` (optional) is how many images of each class the
+        caller will ask for in all: the selections are then computed once for that many instead of grown.
+        """
+        if kind not in INIT_KINDS:
+            raise ValueError(f"unknown real init {kind!r}; expected one of {', '.join(INIT_KINDS)}")
         pool = self.require_real()
         rows = []
         for c in classes:
-            order = pool.class_rows(c, "real-pick")
+            if kind == "real-correct":
+                order = self.correct_rows(c) or pool.class_rows(c, "real-pick")
+            elif kind == "real":
+                order = pool.class_rows(c, "real-pick")
+            else:
+                order = self.selected_rows(kind.removeprefix("real-"), c, max(j + 1, need))
             rows.append(order[j % len(order)])
-        return pool.batch(rows)
+        return rows
+
+    def features(self, cls: int) -> tuple[list[int], torch.Tensor]:
+        """(rows, feats [n, d] float32 on the CPU): the input of the teacher's last nn.Linear for every real
+        training image of the class, in `RealPool.rows(cls)` order (the penultimate features of a ConvNet or
+        ResNet). One teacher pass per class and worker while the class stays in the cache."""
+        fwd = self._class_forward(cls)
+        return fwd.rows, fwd.feats
+
+    def correct_rows(self, cls: int) -> list[int]:
+        """The class's rows in `class_rows(cls, "real-pick")` order, keeping those the teacher classifies as `cls`
+        (PAD's initialization from correctly predicted real images); empty if it gets none right."""
+        key = ("correct", cls)
+        if key not in self._rows:
+            fwd = self._class_forward(cls)
+            right = {r for r, p in zip(fwd.rows, fwd.preds.tolist(), strict=True) if p == cls}
+            self._rows[key] = [r for r in self.require_real().class_rows(cls, "real-pick") if r in right]
+        return list(self._rows[key])
+
+    def selected_rows(self, kind: str, cls: int, k: int) -> list[int]:
+        """The first min(k, n) rows of the class's greedy selection `kind` ("herding" or "k-center") in the
+        teacher's feature space, in selection order.
+
+        Greedy selections are prefix-stable, so a longer selection computed earlier answers a shorter request and
+        the answer never depends on which k came first. The k-center start is drawn from a generator keyed by
+        (run seed, "recover", "k-center", class), not from a unit's generator, so that the selection method and
+        `init_rows` agree whatever the unit split.
+        """
+        from pipeline import selection
+
+        if kind not in SELECTIONS:
+            raise ValueError(f"unknown selection {kind!r}; expected one of {', '.join(SELECTIONS)}")
+        key = (kind, cls)
+        have = self._rows.get(key, [])
+        n = len(self.require_real().rows(cls))
+        if len(have) < min(k, n):
+            rows, feats = self.features(cls)
+            # Grow at least geometrically: callers asking j + 1 for j = 0, 1, ... cost O(log ipc) runs, not ipc.
+            budget = min(n, max(k, 2 * len(have)))
+            if kind == "herding":
+                picks = selection.herding(feats, budget)
+            else:
+                start = int(torch.randint(n, (), generator=generator(self.seed, "recover", "k-center", cls)))
+                picks = selection.k_center(feats, budget, start)
+            have = self._rows[key] = [rows[i] for i in picks]
+        return have[:k]
+
+    def _class_forward(self, cls: int) -> ClassForward:
+        if cls in self._forward:
+            self._forward.move_to_end(cls)
+            return self._forward[cls]
+        fwd = self._run_teacher(cls)
+        self._forward[cls] = fwd
+        while len(self._forward) > max(1, self.feature_cache_classes):
+            self._forward.popitem(last=False)
+        return fwd
+
+    def _run_teacher(self, cls: int) -> ClassForward:
+        """The teacher (eval mode, no grad, bf16 autocast when `amp`) over all real images of the class, in
+        chunks of `feature_batch`; the features come from a forward hook on the last nn.Linear."""
+        teacher = self.teacher
+        if teacher is None:
+            raise RuntimeError("teacher features were asked for, but the method declared no need for the teacher")
+        pool = self.require_real()
+        head = last_linear(teacher)
+        rows = pool.rows(cls)
+        captured: list[torch.Tensor] = []
+
+        def hook(module: torch.nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+            captured.append(inputs[0].detach())
+
+        handle = head.register_forward_hook(hook)
+        was_training = teacher.training
+        teacher.eval()  # BN running statistics, no dropout: features must not depend on the chunk
+        feats, preds = [], []
+        try:
+            with torch.no_grad():
+                for i in range(0, len(rows), max(1, self.feature_batch)):
+                    x = pool.batch(rows[i:i + max(1, self.feature_batch)])
+                    if self.channels_last and x.device.type == "cuda":
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with torch.autocast(device_type=x.device.type, dtype=self.amp or torch.bfloat16,
+                                        enabled=self.amp is not None):
+                        logits = teacher(x)
+                    if not captured:
+                        raise RuntimeError(f"the last nn.Linear of {type(teacher).__name__} did not run in its "
+                                           "forward: no features to take")
+                    # The last call wins should a model call its head more than once per forward.
+                    feats.append(captured[-1].float().reshape(len(x), -1).cpu())
+                    captured.clear()
+                    preds.append(logits.argmax(dim=1).cpu())
+        finally:
+            handle.remove()
+            teacher.train(was_training)
+        return ClassForward(rows=list(rows), feats=torch.cat(feats), preds=torch.cat(preds))
+
+
+def last_linear(model: torch.nn.Module) -> torch.nn.Linear:
+    """The last nn.Linear in `model.modules()` order: the classifier head of the project's ConvNets and of
+    torchvision's ResNets, whose input is the penultimate feature vector."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to take features from")
+    return linears[-1]
 
 
 class RealPool:

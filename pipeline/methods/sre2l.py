@@ -65,8 +65,9 @@ class SynthesisWorker:
         finals: list[dict[str, float]] = []
         radius: list[torch.Tensor] = []
         for j in ipc:
-            real = env.real_init(classes, j) if env.init == "real" else None
-            init = init_images(env.init, len(targets), env.resolution, gen, real=real, device=env.device)
+            real = env.init_batch(classes, j) if env.init.startswith("real") else None
+            init = init_images("real" if real is not None else env.init, len(targets), env.resolution, gen,
+                               real=real, device=env.device)
             subset = self.dwa.subset(env, classes, unit_key, j) if self.dwa is not None else None
             images, hist = synthesize_batch(
                 env.teacher, targets, init, params, gen, dwa_batch=subset,

@@ -27,6 +27,8 @@ from pipeline.stages.common import TEACHER, check_file, real_meta, run_teacher
 
 log = logging.getLogger(__name__)
 GRID_DIR = "results/grids"
+# Inits chosen by the teacher (its predictions or its features): they load it even for methods that do not.
+TEACHER_INITS = ("real-correct", "real-herding", "real-k-center")
 
 
 def class_shards(num_classes: int, per_shard: int) -> list[tuple[int, int]]:
@@ -86,7 +88,7 @@ class RecoverStage(Stage):
             raise ConfigError("recover.classes_per_shard must be >= 0")
         if self.per_shard(ctx) < 2 and method.needs.bn_teacher:
             log.warning("recover: class shards of one class make the BN statistics term meaningless")
-        if method.needs.teacher:
+        if method.needs.teacher or resolved_init(r.method, r.init) in TEACHER_INITS:
             check_file(ctx.path(TEACHER), "teacher weights (run the squeeze stage)")
         if method.needs.bn_teacher:
             from pipeline.models import has_batchnorm
@@ -127,11 +129,11 @@ def open_env(ctx: RunContext, device: torch.device) -> Any:
                      init=resolved_init(r.method, r.init),
                      amp=torch.bfloat16 if (r.amp == "bf16" and device.type == "cuda") else None,
                      channels_last=r.channels_last)
-    if method.needs.teacher:
+    if method.needs.teacher or env.init in TEACHER_INITS:
         env.teacher = run_teacher(ctx, device)
         if r.channels_last and device.type == "cuda":
             env.teacher = env.teacher.to(memory_format=torch.channels_last)
-    if method.needs.real_images or env.init == "real":
+    if method.needs.real_images or env.init.startswith("real"):
         names = real_meta(ctx)["shards"]["train"]
         env.real = RealPool(ctx.path("real"), [ctx.path("real", f"{n}.parquet") for n in names], ctx.config.seed,
                             data.resolution, mean, std, device)
