@@ -108,3 +108,22 @@ def test_unknown_init_is_refused_with_the_choices():
 
     with pytest.raises(ConfigError, match="real-correct"):
         load_config("demo", overrides=["recover.init=real-best"])
+
+
+@pytest.mark.parametrize("method", ["dm", "dc", "dsa", "datadam"])
+def test_matching_methods_run_through_the_recover_stage(teacher_run, tmp_path, method):
+    """Each matching method as a plug-in: whole-class units, IPC images per class, same bytes twice."""
+    short = [f"recover.method={method}", f"recover.{method}.iterations=2", f"recover.{method}.width=16",
+             f"recover.{method}.batch_real=8"]
+    if method in ("dc", "dsa"):
+        short += [f"recover.{method}.outer_loop=1", f"recover.{method}.inner_loop=1"]
+    runs = []
+    for name in ("a", "b"):
+        run_dir = clone_run(teacher_run, tmp_path / name)
+        run_pipeline(fast_config(*short), run_dir, stages=["recover"], progress=False)
+        runs.append({r.unit: r for r in ManifestStore(run_dir).records("recover")})
+    a, b = runs
+    assert sorted(a) == ["c0000-0004_ipc000-001", "c0005-0009_ipc000-001"]  # units split classes, not IPC
+    for key, rec in a.items():
+        assert rec.metrics["images"] == 5 * 2 and rec.metrics["image_iterations"] > 0
+        assert [(o.uri, o.sha256) for o in rec.outputs] == [(o.uri, o.sha256) for o in b[key].outputs]

@@ -4,7 +4,16 @@ Importing this package registers the built-in methods. Adding a method = one fil
 `@register(...)`, one import line below, and one test file.
 """
 
-from pipeline.methods import dwa, herding, kcenter, random_real, sre2l  # noqa: F401 - registers the built-in methods
+from pipeline.methods import (  # noqa: F401 - importing a method module registers it
+    datadam,
+    dc,
+    dm,
+    dwa,
+    herding,
+    kcenter,
+    random_real,
+    sre2l,
+)
 from pipeline.methods.base import Method, MethodOutput, MethodWorker, Needs, get_method, register, registry
 
 __all__ = ["Method", "MethodOutput", "MethodWorker", "Needs", "get_method", "register", "registry"]
