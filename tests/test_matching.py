@@ -322,8 +322,8 @@ def test_worker_outputs_and_same_seed_same_bytes(pool, name):
 
 
 def test_real_init_starts_from_the_random_real_picks(pool):
-    """With zero-strength steps impossible (lr > 0), check the init itself: the worker's starting images are
-    `env.real_init(classes, j)`, class-major."""
+    """The starting images: real = `env.real_init(classes, j)` (random-real's picks), class-major; noise = a
+    standard normal from the unit's generator."""
     from pipeline.methods.dm import initial_images
 
     env = env_for(pool, "real")
