@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402,F401 - the defaults of normalize()
+from pipeline.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 - the defaults of normalize(), re-exported
 from pipeline.crops import TorchDraws, random_resized_crop
 
 _NO_BN_MESSAGE = "the teacher has no BatchNorm2d layers; SRe2L/DWA recover needs BN statistics"

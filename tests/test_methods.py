@@ -83,12 +83,14 @@ def test_a_method_added_by_one_registration_runs_through_the_recover_stage(teach
     assert (run_dir / "results" / "grids" / "overview.png").is_file()
 
 
-@pytest.mark.parametrize("init", ["real-correct", "real-herding"])
-def test_synthesis_can_start_from_selected_real_images(teacher_run, tmp_path, init):
+@pytest.mark.parametrize("method, init", [("sre2l", "real-correct"), ("sre2l", "real-herding"),
+                                          ("dm", "real-correct")])
+def test_synthesis_can_start_from_selected_real_images(teacher_run, tmp_path, method, init):
     """`recover.init` takes the teacher-chosen real images (PAD's correctly-classified init, or a selection)."""
     run_dir = clone_run(teacher_run, tmp_path / "run")
-    cfg = fast_config("recover.method=sre2l", f"recover.init={init}", "recover.sre2l.iterations=1",
-                      "recover.sre2l.lr=1e-9")  # one tiny step: the output is (almost) the init itself
+    short = (["recover.sre2l.iterations=1", "recover.sre2l.lr=1e-9"] if method == "sre2l"  # output ~ the init
+             else ["recover.dm.iterations=1", "recover.dm.width=16", "recover.dm.batch_real=8"])
+    cfg = fast_config(f"recover.method={method}", f"recover.init={init}", *short)
     ctx = run_pipeline(cfg, run_dir, stages=["recover"], progress=False)
     from pipeline.stages.recover import open_env
 

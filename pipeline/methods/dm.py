@@ -90,17 +90,18 @@ def load_real(env: Any, classes: range) -> Any:
 
 
 def initial_images(env: Any, classes: range, ipc: range, gen: Any) -> Any:
-    """[K * ipc, 3, R, R] normalized, class-major: real = `env.real_init(classes, j)` for each ipc index j (the
-    images random-real picks), noise = standard normal from the unit's generator (the official `torch.randn`)."""
+    """[K * ipc, 3, R, R] normalized, class-major: a real init = `env.init_batch(classes, j)` for each ipc index j
+    (for `real`, the images random-real picks; `real-correct` / `real-herding` / `real-k-center` as the other
+    methods), noise = standard normal from the unit's generator (the official `torch.randn`)."""
     import torch
 
     k, n = len(classes), len(ipc)
-    if env.init == "real":
-        per_j = torch.stack([env.real_init(classes, j).float() for j in ipc], dim=1)  # [K, n, 3, R, R]
+    if env.init.startswith("real"):
+        per_j = torch.stack([env.init_batch(classes, j).float() for j in ipc], dim=1)  # [K, n, 3, R, R]
         return per_j.reshape(k * n, *per_j.shape[2:]).to(env.device)
     if env.init == "noise":
         return torch.randn((k * n, 3, env.resolution, env.resolution), generator=gen).to(env.device)
-    raise ValueError(f"matching methods start from 'real' or 'noise' images, got init {env.init!r}")
+    raise ValueError(f"matching methods start from real or noise images, got init {env.init!r}")
 
 
 def net_spec(env: Any, cfg: NetConfig, classes: range) -> Any:
