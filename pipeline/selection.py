@@ -82,3 +82,30 @@ def k_center(feats: Tensor, k: int, start: int) -> list[int]:
         i = int(torch.argmax(nearest.masked_fill(taken, float("-inf"))))
         chosen.append(i)
     return chosen
+
+
+def rank(values: Tensor, descending: bool) -> list[int]:
+    """Indices of `values` [n] from the best to the worst (largest first when `descending`); a stable sort, so
+    equal values keep their input order (callers pass rows in a seeded order to break ties)."""
+    if values.dim() != 1:
+        raise ValueError(f"ranking values must be a vector, got shape {tuple(values.shape)}")
+    return torch.sort(values.to(torch.float64), descending=descending, stable=True).indices.tolist()
+
+
+def loss_scores(loss_label: Tensor, loss_pred: Tensor, kind: str) -> Tensor:
+    """The class-normalized loss scores of one class's samples (the loss-score method):
+
+    score  = l_label / mean_class(l_label)
+    score2 = (l_label - l_pred) / mean_class(l_label)
+
+    l_label is the cross-entropy against the sample's label, l_pred against the predicted class (so
+    l_label >= l_pred, with equality when the prediction is right, and score2 is 0 for every correctly classified
+    sample). Within one class the normalization is a positive constant: it never changes the class's ranking,
+    only makes scores comparable across classes. A class whose mean label loss is 0 gives zeros.
+    """
+    if kind not in ("score", "score2"):
+        raise ValueError(f"unknown loss score {kind!r}; expected score or score2")
+    ll, lp = loss_label.to(torch.float64), loss_pred.to(torch.float64)
+    mean = ll.mean() if ll.numel() else torch.tensor(0.0, dtype=torch.float64)
+    num = ll if kind == "score" else ll - lp
+    return num / mean if float(mean) > 0 else torch.zeros_like(num)

@@ -25,6 +25,7 @@ from torch import nn
 
 from pipeline import ddp, trainloop
 from pipeline.augment import ViewConfig, draw_views, render_batch
+from pipeline.hardlabel import HardSpec
 from pipeline.models import build_model
 from pipeline.optim import cosine_schedule, make_optimizer
 from pipeline.seeding import derive_seed, generator
@@ -74,6 +75,8 @@ class StudentJob:
     checkpoint: str  # path of the end-of-epoch checkpoint it resumes from
     output: str  # path of the final state_dict (`checkpoints/student.pt`)
     config_hash: str  # the train stage's config hash: a checkpoint with another one is not resumed
+    protocol: str = "kd"  # kd (this module) | hard (`pipeline.hardlabel.train_hard`, with `hard`)
+    hard: HardSpec | None = None  # the hard-label protocol's settings (protocol "hard")
 
 
 def epoch_batches(num_images: int, global_batch: int, world: int, rank: int, seed: int, epoch: int) -> list[list[int]]:
@@ -120,6 +123,11 @@ def load_teacher(job: StudentJob, device: torch.device) -> nn.Module:
 def train_student(job: StudentJob) -> dict[str, Any]:
     """DDP student training; resume from the last epoch's checkpoint."""
     from pipeline.data.synthetic import load_images
+
+    if job.protocol == "hard":
+        from pipeline.hardlabel import train_hard
+
+        return train_hard(job)
 
     ddp.init_from_env()
     rank, world, _ = ddp.dist_info()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,9 @@ class TeacherJob:
     checkpoint: str  # path of the end-of-epoch checkpoint it resumes from
     output: str  # path of the final state_dict (`checkpoints/teacher.pt`)
     config_hash: str  # the squeeze stage's config hash: a checkpoint with another one is not resumed
+    sample_stats: str = ""  # path of the per-sample statistics parquet ("" = not recorded; `pipeline.sample_stats`)
+    stats_window: int = 5  # epochs the loss buffers average over
+    train_index: tuple[str, ...] = ()  # the train shards' parquet indexes (rows of the statistics)
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -217,6 +221,7 @@ def train_teacher(job: TeacherJob) -> dict[str, Any]:
     ckpt = resume(ckpt_path, job.config_hash, model, opt, sched, "squeeze")
     resumed_from = int(ckpt["epoch"]) + 1 if ckpt else None
     start = resumed_from or 0
+    stats = _sample_stats(job, ckpt)
     net = wrap_ddp(model, device)
     per_rank = max(1, job.batch_size // world)
     t0 = time.time()
@@ -240,17 +245,66 @@ def train_teacher(job: TeacherJob) -> dict[str, Any]:
         sched.step()
         sync_buffers(model)
         ddp.all_reduce_sum(total)
+        extra = {}
+        if stats is not None:
+            _score_epoch(job, model, stats, rank, world, device)
+            extra["sample_stats"] = stats.state_dict()
         if ddp.is_rank0():
-            save_checkpoint(ckpt_path, model, opt, sched, epoch, job.config_hash)
+            save_checkpoint(ckpt_path, model, opt, sched, epoch, job.config_hash, **extra)
             log.info("squeeze: epoch %d/%d loss %.4f (%.1fs)", epoch + 1, epochs,
                      float(total[0] / max(1.0, float(total[1]))), time.time() - t0)
         ddp.barrier()
     metrics = evaluate(net, val_loader(data, rank, world, device), device, job.amp)
     if ddp.is_rank0():
         save_atomic(model.state_dict(), Path(job.output))
+        if stats is not None:
+            _write_sample_stats(job, stats)
     return {"teacher_top1": metrics["top1"], "teacher_top5": metrics["top5"], "val_images": metrics["n"],
             "epochs": epochs, "resumed_from_epoch": resumed_from, "world_size": world,
-            "train_seconds": round(time.time() - t0, 2)}
+            "train_seconds": round(time.time() - t0, 2), "sample_stats_seconds": round(_STATS_SECONDS[0], 2)}
+
+
+_STATS_SECONDS = [0.0]  # this process's time in the per-sample scoring pass (reported by the squeeze record)
+
+
+def _sample_stats(job: TeacherJob, ckpt: dict[str, Any] | None) -> Any:
+    """The per-sample statistics accumulator: from the resumed checkpoint, fresh, or None when not recorded."""
+    from pipeline.sample_stats import SampleStats
+
+    _STATS_SECONDS[0] = 0.0
+    if not job.sample_stats:
+        return None
+    if ckpt is not None and "sample_stats" in ckpt:
+        return SampleStats.from_state(ckpt["sample_stats"])
+    return SampleStats(job.data.num_train, job.stats_window)
+
+
+def _score_epoch(job: TeacherJob, model: nn.Module, stats: Any, rank: int, world: int, device: torch.device) -> None:
+    """Score every training sample with the epoch's teacher: each rank its share of the rows, summed."""
+    from pipeline.data.sharding import rank_range
+    from pipeline.sample_stats import score_rows
+
+    t0 = time.time()
+    data = job.data
+    lo, hi = rank_range(data.num_train, rank, world)
+    parts = score_rows(unwrap(model), Path(data.train_shards[0]).parent, [Path(p) for p in job.train_index],
+                       range(lo, hi), data.num_train, data.resolution, data.mean, data.std, device,
+                       batch_size=data.eval_batch_size, num_workers=data.num_workers)
+    joined = torch.stack(parts)
+    ddp.all_reduce_sum(joined)
+    stats.add_epoch(joined[0] > 0.5, joined[1], joined[2])
+    _STATS_SECONDS[0] += time.time() - t0
+
+
+def _write_sample_stats(job: TeacherJob, stats: Any) -> None:
+    import pyarrow.parquet as pq
+
+    from manifests.store import atomic_path
+    from pipeline.data.shards import read_index
+
+    index = read_index([Path(p) for p in job.train_index])
+    with atomic_path(Path(job.sample_stats)) as tmp:
+        pq.write_table(stats.table(index.column("key").to_pylist(), index.column("cls").to_pylist()), tmp)
 
 
 def import_teacher(job: TeacherJob) -> dict[str, Any]:
@@ -279,7 +333,10 @@ def resolve_weights(source: str) -> dict[str, torch.Tensor]:
     if path.suffix in (".pt", ".pth", ".bin", ".ckpt") or path.exists():
         if not path.is_file():
             raise FileNotFoundError(f"squeeze.weights: file not found: {path}")
-        state = load_weights(path)
+        try:
+            state = load_weights(path)
+        except (pickle.UnpicklingError, RuntimeError, KeyError, EOFError, ValueError) as exc:  # no torch file
+            raise ValueError(f"squeeze.weights: not a state_dict: {path} ({type(exc).__name__}: {exc})") from None
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]  # one of our own checkpoints
         return state

@@ -31,10 +31,13 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "squeeze.optimizer": ("sgd", "sgd-nesterov", "adamw"),
     "train.optimizer": ("adamw", "sgd", "sgd-nesterov"),
     # kept in step with pipeline.methods.env.INIT_KINDS (that module imports torch; this one must not)
-    "recover.init": ("auto", "real", "noise", "real-correct", "real-herding", "real-k-center"),
+    "recover.init": ("auto", "real", "noise", "real-correct", "real-herding", "real-k-center", "real-forgetting",
+                     "real-loss-score"),
     "recover.amp": ("bf16", "none"),
     "relabel.mode": ("stored", "online"),
     "train.mix": ("cutmix", "mixup", "none"),
+    "train.protocol": ("kd", "hard"),
+    "train.hard_augment": ("auto", "dsa", "none"),
     "executor.kind": ("auto", "local", "ray"),
 }
 _POSITIVE = (
@@ -42,11 +45,12 @@ _POSITIVE = (
     "recover.ipc_per_unit",
     "executor.max_attempts", "executor.cpus_per_worker", "relabel.images_per_unit", "relabel.batch_size",
     "train.epochs", "train.batch_size", "eval.batch_size",
-    "squeeze.lr", "train.lr", "train.temperature", "train.mix_alpha",
+    "squeeze.lr", "squeeze.stats_window", "train.lr", "train.temperature", "train.mix_alpha", "train.hard_batch_size", "train.hard_lr",
 )
 # Counts where 0 has a meaning ("auto", "all", "never") but a negative value has none.
 _NON_NEGATIVE = (
-    "squeeze.weight_decay", "train.weight_decay", "recover.classes_per_shard", "relabel.top_k", "eval.every",
+    "squeeze.weight_decay", "train.weight_decay", "train.hard_weight_decay", "train.hard_epochs",
+    "recover.classes_per_shard", "relabel.top_k", "eval.every",
     "data.num_workers", "squeeze.workers", "train.workers", "executor.num_workers", "executor.num_cpus",
 )
 
@@ -204,13 +208,27 @@ def _validate_method(cfg: Config) -> None:
     if name not in methods:
         raise ConfigError(f"config key 'recover.method': unknown method '{name}'{_closest(name, list(methods))}; "
                           "`distill methods` lists them")
-    method = methods[name]
-    section = getattr(cfg.recover, method.config_key, None) if method.config_cls else None
-    if section is not None and hasattr(section, "validate"):
-        try:
-            section.validate()
-        except ValueError as exc:
-            raise ConfigError(f"config section 'recover.{method.config_key}': {exc}") from None
+    # The chosen method's section (and that of the selection named by recover.init) passes its own checks.
+    # Per-sample statistics exist only for a teacher trained here with squeeze.sample_stats on.
+    init = cfg.recover.init.removeprefix("real-")
+    for user in [name] + ([init] if init in methods and init != name else []):
+        m = methods[user]
+        sec = getattr(cfg.recover, m.config_key, None) if m.config_cls else None
+        if sec is not None and hasattr(sec, "validate"):
+            try:
+                sec.validate()
+            except ValueError as exc:
+                raise ConfigError(f"config section 'recover.{m.config_key}': {exc}") from None
+        needs = sec.needs_squeeze_stats() if hasattr(sec, "needs_squeeze_stats") else m.needs.squeeze_stats
+        what = f"recover.method={name}" if user == name else f"recover.init={cfg.recover.init}"
+        if needs and cfg.squeeze.weights:
+            extra = " or set recover.loss_score.source=final" if user == "loss-score" else ""
+            raise ConfigError(f"{what} ranks images by statistics recorded while the squeeze stage trains the "
+                              f"teacher, and this run imports its teacher (squeeze.weights={cfg.squeeze.weights}), "
+                              f"which has none: train the teacher here (squeeze.weights=''){extra}")
+        if needs and not cfg.squeeze.sample_stats:
+            raise ConfigError(f"{what} needs the per-sample statistics of the teacher's training: set "
+                              "squeeze.sample_stats=true")
 
 
 def validate(cfg: Config) -> Config:
@@ -258,7 +276,14 @@ def validate(cfg: Config) -> Config:
                               "it is the global batch, split evenly over the DDP ranks")
     from pipeline.models import check_arch  # local import: models pulls in torch
 
-    for dotted in ("squeeze.arch", "train.arch"):
+    if cfg.train.hard_dsa_strategy != "auto":
+        from pipeline.dsa import parse_strategy
+
+        try:
+            parse_strategy(cfg.train.hard_dsa_strategy)
+        except ValueError as exc:
+            raise ConfigError(f"config key 'train.hard_dsa_strategy': {exc}") from None
+    for dotted in ("squeeze.arch", "train.arch", "train.hard_arch"):
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
         try:

@@ -79,6 +79,9 @@ class SqueezeConfig:
     warmup_epochs: int = _f(0, "linear warm-up epochs from 0.01x before the cosine (official Tiny-ImageNet: 5)")
     amp: bool = _f(True, "bf16 autocast on GPU; ignored on CPU")
     workers: int = _op(0, "DDP workers: 0 = one per GPU (1 without GPUs); CPU workers use gloo")
+    sample_stats: bool = _f(True, "after each epoch, score every training image (forgetting events, loss "
+                            "buffers) for the forgetting and loss-score methods; costs ~1/3 of an epoch")
+    stats_window: int = _f(5, "loss buffers: the per-sample losses are averaged over this many last epochs")
 
 
 @dataclass
@@ -89,7 +92,7 @@ class RecoverCommon:
     ipc: int = _f(10, "images per class")
     init: str = _f("auto", "initial images: auto (the method's default) | noise | real (seeded random real "
                    "images) | real-correct (real images the teacher classifies correctly, PAD's idea) | "
-                   "real-herding | real-k-center (the selection methods' picks)")
+                   "real-herding | real-k-center | real-forgetting | real-loss-score (the selection methods' picks)")
     classes_per_shard: int = _f(0, "classes per unit and per synthesis batch (0 = min(100, classes))")
     ipc_per_unit: int = _f(10, "images per class in one unit of work (methods that make a class's images "
                            "together take all IPC in one unit)")
@@ -149,6 +152,18 @@ class TrainConfig:
     crop_scale_min: float = _f(0.08, "smallest area fraction of the student's random-resized crop")
     amp: bool = _f(True, "bf16 autocast on GPU; ignored on CPU")
     workers: int = _op(0, "DDP workers: 0 = one per GPU (1 without GPUs); CPU workers use gloo")
+    protocol: str = _f("kd", "kd: the SRe2L/DWA soft-label protocol (the keys above) | hard: DC/DSA/DM's "
+                       "hard-label protocol (the hard_* keys below; relabel is skipped)")
+    hard_arch: str = _f("convnet-in", "hard protocol: the student (ConvNet-3 with instance norm, as DC/DSA/DM)")
+    hard_epochs: int = _f(0, "hard protocol: epochs; 0 = the official count: 1000 with DSA augmentation, "
+                          "300 without")
+    hard_batch_size: int = _f(256, "hard protocol: batch size (SGD momentum 0.9, lr x0.1 at half the epochs)")
+    hard_lr: float = _f(0.01, "hard protocol: learning rate")
+    hard_weight_decay: float = _f(5e-4, "hard protocol: weight decay")
+    hard_augment: str = _f("auto", "hard protocol: auto (DSA augmentation for sets made by dsa, dm and "
+                           "datadam, none otherwise, as their papers) | dsa | none")
+    hard_dsa_strategy: str = _f("auto", "hard protocol: DSA strategy; auto = the recover method's strategy, else "
+                                "color_crop_cutout_flip_scale_rotate")
 
 
 @dataclass
@@ -220,8 +235,9 @@ class Config:
             if f.metadata.get("hash", True) is not True:
                 continue
             value = getattr(sec, f.name)
-            if "method" in f.metadata:  # a method's own section counts only when that method is chosen
-                if f.metadata["method"] != sec.method:
+            if "method" in f.metadata:  # a method's own section counts only when that method is chosen, or when
+                # its selection is the init (recover.init = real-<method>, e.g. the loss-score settings)
+                if f.metadata["method"] not in (sec.method, sec.init.removeprefix("real-")):
                     continue
                 value = dataclasses.asdict(value)
             out[f.name] = value

@@ -9,8 +9,10 @@ from pipeline.methods import (  # noqa: F401 - importing a method module registe
     dc,
     dm,
     dwa,
+    forgetting,
     herding,
     kcenter,
+    loss_score,
     random_real,
     sre2l,
 )

@@ -76,6 +76,9 @@ class Method:
     whole_class: bool = False  # all IPC images of a class are made together: units split classes, not IPC
     default_init: str = "noise"  # what `recover.init = auto` means for this method
     synthesizes: bool = True  # False for methods that select real images (no image-iterations)
+    # How its paper trains the hard-label student (`train.hard_augment = auto`): "dsa" (DSA, DM, DataDAM train
+    # it with DSA augmentation) or "none".
+    hard_augment: str = "none"
 
     @property
     def config_key(self) -> str:
@@ -98,7 +101,7 @@ _REGISTRY: dict[str, Method] = {}
 
 def register(name: str, *, description: str, needs: Needs = Needs(), config: type | None = None,
              whole_class: bool = False, default_init: str = "noise",
-             synthesizes: bool = True) -> Callable[[Callable[[Any, Any], MethodWorker]], Callable[[Any, Any], MethodWorker]]:
+             synthesizes: bool = True, hard_augment: str = "none") -> Callable[[Callable[[Any, Any], MethodWorker]], Callable[[Any, Any], MethodWorker]]:
     """Decorator on a method's `open(env, cfg)` function: adds the method to the registry under `name`."""
 
     def wrap(open_fn: Callable[[Any, Any], MethodWorker]) -> Callable[[Any, Any], MethodWorker]:
@@ -107,7 +110,8 @@ def register(name: str, *, description: str, needs: Needs = Needs(), config: typ
         if config is not None and not dataclasses.is_dataclass(config):
             raise TypeError(f"recover method '{name}': config must be a dataclass, got {config!r}")
         _REGISTRY[name] = Method(name=name, description=description, needs=needs, open=open_fn, config_cls=config,
-                                 whole_class=whole_class, default_init=default_init, synthesizes=synthesizes)
+                                 whole_class=whole_class, default_init=default_init, synthesizes=synthesizes,
+                                 hard_augment=hard_augment)
         return open_fn
 
     return wrap

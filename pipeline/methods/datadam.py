@@ -71,6 +71,7 @@ class DataDamWorker(DistributionMatchingWorker):
 
 
 @register("datadam", description="DataDAM: match spatial attention and mean embeddings in random ConvNets",
-          needs=Needs(real_images=True), config=DataDamConfig, whole_class=True, default_init="real")
+          needs=Needs(real_images=True), config=DataDamConfig, whole_class=True, default_init="real",
+          hard_augment="dsa")
 def open_datadam(env: Any, cfg: DataDamConfig) -> DataDamWorker:
     return DataDamWorker(env, cfg)

@@ -111,6 +111,7 @@ def open_dc(env: Any, cfg: DcConfig) -> GradientMatchingWorker:
 
 
 @register("dsa", description="DSA: DC with differentiable Siamese augmentation of real and synthetic images",
-          needs=Needs(real_images=True), config=DsaConfig, whole_class=True, default_init="real")
+          needs=Needs(real_images=True), config=DsaConfig, whole_class=True, default_init="real",
+          hard_augment="dsa")
 def open_dsa(env: Any, cfg: DsaConfig) -> GradientMatchingWorker:
     return GradientMatchingWorker(env, cfg)

@@ -162,6 +162,7 @@ class DistributionMatchingWorker:
 
 
 @register("dm", description="DM: match mean embeddings of real and synthetic images in random ConvNets",
-          needs=Needs(real_images=True), config=DmConfig, whole_class=True, default_init="real")
+          needs=Needs(real_images=True), config=DmConfig, whole_class=True, default_init="real",
+          hard_augment="dsa")
 def open_dm(env: Any, cfg: DmConfig) -> DistributionMatchingWorker:
     return DistributionMatchingWorker(env, cfg)

@@ -18,7 +18,8 @@ import torch
 from pipeline.seeding import generator
 
 SELECTIONS = ("herding", "k-center")  # the greedy selections of `pipeline.selection`, by method name
-INIT_KINDS = ("real", "real-correct", *(f"real-{s}" for s in SELECTIONS))  # what `init_rows` accepts
+RANKINGS = ("forgetting", "loss-score")  # selections by a per-sample score (`ranked_rows`)
+INIT_KINDS = ("real", "real-correct", *(f"real-{s}" for s in SELECTIONS + RANKINGS))  # what `init_rows` accepts
 
 
 class ClassForward(NamedTuple):
@@ -27,6 +28,8 @@ class ClassForward(NamedTuple):
     rows: list[int]
     feats: torch.Tensor  # [n, d] float32 on the CPU: the input of the teacher's last nn.Linear
     preds: torch.Tensor  # [n] int64 on the CPU: the teacher's argmax class
+    loss_label: torch.Tensor  # [n] float32: CE of the logits against the class
+    loss_pred: torch.Tensor  # [n] float32: CE against the argmax class (logsumexp - max)
 
 
 @dataclass
@@ -44,6 +47,10 @@ class RecoverEnv:
     teacher: torch.nn.Module | None = None
     real: RealPool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # The squeeze stage's per-sample statistics (`pipeline.sample_stats`), loaded on first use by this callable;
+    # it raises a ValueError saying why there are none (an imported teacher, squeeze.sample_stats = false).
+    stats_loader: Any = None
+    loss_score: Any = None  # the loss-score settings (`recover.loss_score`: score, source, take)
     feature_batch: int = 256  # real images per teacher forward in `features` (bounds activation memory)
     # Classes whose teacher pass `features` keeps (least recently used dropped first). The default covers a
     # default class shard (at most 100 classes), so a unit's classes go through the teacher once even when
@@ -91,10 +98,60 @@ class RecoverEnv:
                 order = self.correct_rows(c) or pool.class_rows(c, "real-pick")
             elif kind == "real":
                 order = pool.class_rows(c, "real-pick")
+            elif kind.removeprefix("real-") in RANKINGS:
+                order = self.ranked_rows(kind.removeprefix("real-"), c)
             else:
                 order = self.selected_rows(kind.removeprefix("real-"), c, max(j + 1, need))
             rows.append(order[j % len(order)])
         return rows
+
+    def sample_stats(self) -> Any:
+        """The squeeze stage's per-sample table (pyarrow), loaded once."""
+        if "sample_stats" not in self.extra:
+            if self.stats_loader is None:
+                raise RuntimeError("per-sample statistics were asked for, but none were provided to this worker")
+            self.extra["sample_stats"] = self.stats_loader()
+        return self.extra["sample_stats"]
+
+    def ranked_rows(self, kind: str, cls: int) -> list[int]:
+        """All of the class's rows, best first, by the per-sample ranking `kind`:
+
+        forgetting: most forgetting events first, never-learned samples (never classified correctly during the
+        teacher's training) before all others (Toneva et al.); loss-score: `pipeline.selection.loss_scores` of the
+        class (`recover.loss_score`: score or score2, from the loss buffers or the final teacher), the low or
+        the high end first. Ties keep the class's seeded order (run seed, "rank-<kind>", class).
+        """
+        from pipeline import selection
+
+        key = ("rank-" + kind, cls)
+        if key in self._rows:
+            return list(self._rows[key])
+        pool = self.require_real()
+        order = pool.class_rows(cls, "rank-" + kind)
+        if kind == "forgetting":
+            table = self.sample_stats()
+            events = torch.tensor(table.column("forgetting").to_numpy()[order], dtype=torch.float64)
+            learned = torch.tensor(table.column("learned").to_numpy(zero_copy_only=False)[order])
+            value = torch.where(learned, events, torch.full_like(events, float("inf")))
+            ranked = selection.rank(value, descending=True)
+        elif kind == "loss-score":
+            cfg = self.loss_score
+            if cfg is None:
+                raise RuntimeError("loss-score ranking asked for without its settings (recover.loss_score)")
+            if cfg.source == "buffers":
+                table = self.sample_stats()
+                ll = torch.tensor(table.column("loss_label_mean").to_numpy()[order], dtype=torch.float64)
+                lp = torch.tensor(table.column("loss_pred_mean").to_numpy()[order], dtype=torch.float64)
+            else:
+                fwd = self._class_forward(cls)
+                where = {r: i for i, r in enumerate(fwd.rows)}
+                pos = [where[r] for r in order]
+                ll, lp = fwd.loss_label[pos].double(), fwd.loss_pred[pos].double()
+            ranked = selection.rank(selection.loss_scores(ll, lp, cfg.score), descending=cfg.take == "high")
+        else:
+            raise ValueError(f"unknown ranking {kind!r}; expected one of {', '.join(RANKINGS)}")
+        self._rows[key] = [order[i] for i in ranked]
+        return list(self._rows[key])
 
     def features(self, cls: int) -> tuple[list[int], torch.Tensor]:
         """(rows, feats [n, d] float32 on the CPU): the input of the teacher's last nn.Linear for every real
@@ -168,7 +225,8 @@ class RecoverEnv:
         handle = head.register_forward_hook(hook)
         was_training = teacher.training
         teacher.eval()  # BN running statistics, no dropout: features must not depend on the chunk
-        feats, preds = [], []
+        feats, preds, losses = [], [], []
+        target = torch.full((1,), cls, dtype=torch.int64)
         try:
             with torch.no_grad():
                 for i in range(0, len(rows), max(1, self.feature_batch)):
@@ -185,10 +243,20 @@ class RecoverEnv:
                     feats.append(captured[-1].float().reshape(len(x), -1).cpu())
                     captured.clear()
                     preds.append(logits.argmax(dim=1).cpu())
+                    losses.append(sample_losses(logits.float().cpu(), target.expand(len(x))))
         finally:
             handle.remove()
             teacher.train(was_training)
-        return ClassForward(rows=list(rows), feats=torch.cat(feats), preds=torch.cat(preds))
+        return ClassForward(rows=list(rows), feats=torch.cat(feats), preds=torch.cat(preds),
+                            loss_label=torch.cat([a for a, _ in losses]), loss_pred=torch.cat([b for _, b in losses]))
+
+
+def sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE against the label, CE against the argmax) per row, as the squeeze stage's loss buffers."""
+    from pipeline.sample_stats import losses
+
+    _, loss_label, loss_pred = losses(logits, labels)
+    return loss_label, loss_pred
 
 
 def last_linear(model: torch.nn.Module) -> torch.nn.Linear:

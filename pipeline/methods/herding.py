@@ -8,7 +8,7 @@ computed for the unit's whole IPC range from index 0 and sliced, so any IPC spli
 method is still registered `whole_class`, one unit per class shard). A class with fewer real images than IPC
 gives all of them, then repeats from the start of its selection; such classes are listed in `short_classes`.
 
-`SelectionWorker` is shared with `pipeline.methods.kcenter`.
+`SelectionWorker` is shared with `pipeline.methods.kcenter`, `forgetting` and `loss_score` (rankings).
 """
 
 from __future__ import annotations
@@ -33,12 +33,19 @@ class SelectionWorker:
         out = MethodOutput(images=[], classes=[], ipc_index=[], metrics={"image_iterations": 0})
         feature_s = select_s = 0.0
         short: list[int] = []
+        from pipeline.methods.env import RANKINGS
+
         for c in classes:
             t0 = time.perf_counter()
-            rows, _ = env.features(c)
-            t1 = time.perf_counter()
-            # From index 0 up to the unit's last IPC index: prefix-stable, so any IPC split slices the same list.
-            order = env.selected_rows(self.kind, c, ipc.stop)
+            if self.kind in RANKINGS:  # a per-sample score: the whole class ranked
+                t1 = t0
+                order = env.ranked_rows(self.kind, c)
+                rows = order
+            else:
+                rows, _ = env.features(c)
+                t1 = time.perf_counter()
+                # From index 0 to the unit's last IPC index: prefix-stable, so any IPC split slices the same list.
+                order = env.selected_rows(self.kind, c, ipc.stop)
             select_s += time.perf_counter() - t1
             feature_s += t1 - t0
             if len(rows) < ipc.stop:

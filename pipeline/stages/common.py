@@ -16,6 +16,7 @@ JobSpec = TypeVar("JobSpec")
 
 TEACHER = "checkpoints/teacher.pt"
 STUDENT = "checkpoints/student.pt"
+SAMPLE_STATS = "checkpoints/teacher-samples.parquet"  # per-sample statistics of the teacher's training
 
 
 def real_meta(ctx: RunContext) -> dict[str, Any]:

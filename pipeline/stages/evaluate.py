@@ -18,7 +18,18 @@ def protocol(ctx: RunContext) -> dict[str, Any]:
     from pipeline.stages.relabel import top_k
 
     c, t = ctx.config, ctx.config.train
-    return {"teacher": c.squeeze.arch, "student": t.arch, "resolution": c.data.resolution,
+    if t.protocol == "hard":
+        from pipeline.stages.train import hard_spec
+
+        h = hard_spec(ctx)
+        return {"name": "hard", "teacher": c.squeeze.arch, "student": h.arch, "resolution": c.data.resolution,
+                "mean": list(c.data.mean), "std": list(c.data.std), "epochs": h.epochs, "batch_size": h.batch_size,
+                "optimizer": f"sgd (momentum {h.momentum})", "lr": h.lr, "lr_schedule": "x0.1 at half the epochs",
+                "weight_decay": h.weight_decay, "loss": "cross-entropy on hard labels",
+                "augmentation": f"DSA {h.dsa_strategy} (per image)" if h.dsa_strategy else "none",
+                "relabel_mode": None, "top_k": None,
+                "recover_iterations": getattr(method_config(ctx), "iterations", None)}
+    return {"name": "kd", "teacher": c.squeeze.arch, "student": t.arch, "resolution": c.data.resolution,
             "mean": list(c.data.mean), "std": list(c.data.std),
             "epochs": t.epochs, "batch_size": t.batch_size, "optimizer": t.optimizer, "lr": t.lr,
             "weight_decay": t.weight_decay, "decay_1d": t.decay_1d, "warmup_epochs": t.warmup_epochs,
@@ -59,7 +70,9 @@ class EvaluateWorker:
         t0 = time.time()
         data = data_spec(ctx)
         device = ddp.device_for_rank()
-        model = build_model(c.train.arch, data.num_classes, c.data.resolution)
+        from pipeline.stages.train import student_arch
+
+        model = build_model(student_arch(ctx), data.num_classes, c.data.resolution)
         model.load_state_dict(load_weights(ctx.path(STUDENT)))
         m = evaluate(model.to(device), val_loader(data, 0, 1, device), device, c.train.amp)
         store = ctx.store
@@ -80,11 +93,12 @@ class EvaluateWorker:
         summary = {
             "run_id": ctx.run_id, "dataset": c.data.dataset, "method": c.recover.method, "ipc": c.recover.ipc,
             "num_classes": real_meta(ctx)["num_classes"], "num_images": train.metrics.get("num_images") if train else None,
-            "teacher": c.squeeze.arch, "student": c.train.arch,
+            "teacher": c.squeeze.arch, "student": student_arch(ctx),
             "teacher_top1": squeeze.metrics.get("teacher_top1") if squeeze else None,
             "top1": m["top1"], "top5": m["top5"], "val_images": m["n"],
             "best_top1": max([m["top1"]] + [h["top1"] for h in history]),
-            "epochs": c.train.epochs, "relabel_mode": c.relabel.mode, "seed": c.seed, "wall_s": wall,
+            "epochs": train.metrics.get("epochs", c.train.epochs) if train else c.train.epochs,
+            "relabel_mode": None if c.train.protocol == "hard" else c.relabel.mode, "seed": c.seed, "wall_s": wall,
             "soft_label_bytes": relabel.metrics.get("soft_label_bytes") if relabel else None,
             "full_logit_bytes": relabel.metrics.get("full_logit_bytes") if relabel else None,
             "protocol": protocol(ctx),

@@ -28,7 +28,7 @@ from pipeline.stages.common import TEACHER, check_file, real_meta, run_teacher
 log = logging.getLogger(__name__)
 GRID_DIR = "results/grids"
 # Inits chosen by the teacher (its predictions or its features): they load it even for methods that do not.
-TEACHER_INITS = ("real-correct", "real-herding", "real-k-center")
+TEACHER_INITS = ("real-correct", "real-herding", "real-k-center", "real-loss-score")
 
 
 def class_shards(num_classes: int, per_shard: int) -> list[tuple[int, int]]:
@@ -137,7 +137,28 @@ def open_env(ctx: RunContext, device: torch.device) -> Any:
         names = real_meta(ctx)["shards"]["train"]
         env.real = RealPool(ctx.path("real"), [ctx.path("real", f"{n}.parquet") for n in names], ctx.config.seed,
                             data.resolution, mean, std, device)
+        env.stats_loader = lambda: load_sample_stats(ctx, env.real)
+    env.loss_score = r.loss_score
     return env
+
+
+def load_sample_stats(ctx: RunContext, pool: Any) -> Any:
+    """The squeeze stage's per-sample statistics, checked against the real pool's rows; a ConfigError naming the
+    file and the fix when they are missing or stale."""
+    from pipeline.sample_stats import read_sample_stats
+    from pipeline.stages.common import SAMPLE_STATS
+
+    path = ctx.path(SAMPLE_STATS)
+    sq = ctx.config.squeeze
+    if not path.is_file():
+        why = (f"the teacher is imported (squeeze.weights={sq.weights})" if sq.weights else
+               "squeeze.sample_stats is off" if not sq.sample_stats else "the squeeze stage did not write it")
+        raise ConfigError(f"per-sample statistics not found: {path} ({why}); train the teacher here with "
+                          "squeeze.sample_stats=true (distill run --fresh --stages squeeze)")
+    try:
+        return read_sample_stats(path, pool.images.keys)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 class RecoverWorker:

@@ -68,8 +68,8 @@ class RelabelStage(Stage):
     output_dirs = (SOFT_DIR,)
 
     def plan(self, ctx: RunContext) -> list[Unit]:
-        if ctx.config.relabel.mode == "online":
-            return []
+        if ctx.config.relabel.mode == "online" or ctx.config.train.protocol == "hard":
+            return []  # online: the student runs the teacher; hard: the student learns the images' own labels
         n, step = num_synthetic(ctx), ctx.config.relabel.images_per_unit
         return [Unit(f"img{a:07d}-{min(a + step, n) - 1:07d}", {"ids": [a, min(a + step, n)]}) for a in range(0, n, step)]
 
@@ -79,6 +79,8 @@ class RelabelStage(Stage):
     def finalize(self, ctx: RunContext) -> dict[str, Any]:
         from pipeline.softlabels import full_logit_bytes
 
+        if ctx.config.train.protocol == "hard":
+            return {"mode": "skipped: train.protocol = hard (the student learns hard labels)", "soft_label_bytes": 0}
         n, c, epochs = num_synthetic(ctx), real_meta(ctx)["num_classes"], ctx.config.train.epochs
         records = ctx.store.records(self.name)
         stored = sum(o.bytes for r in records for o in r.outputs)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.config import ConfigError
 from pipeline.stages.base import RunContext, Stage, Unit, UnitResult
-from pipeline.stages.common import TEACHER, data_spec, launch
+from pipeline.stages.common import SAMPLE_STATS, TEACHER, data_spec, launch, real_meta
 
 if TYPE_CHECKING:
     from pipeline.trainloop import TeacherJob
@@ -40,6 +40,9 @@ def teacher_job(ctx: RunContext) -> TeacherJob:
         warmup_epochs=sq.warmup_epochs, lr=sq.lr, weight_decay=sq.weight_decay, amp=sq.amp, weights=sq.weights,
         checkpoint=str(ctx.path("checkpoints", "squeeze-last.pt")), output=str(ctx.path(TEACHER)),
         config_hash=ctx.hashes["squeeze"],
+        sample_stats=str(ctx.path(SAMPLE_STATS)) if sq.sample_stats and not sq.weights else "",
+        stats_window=sq.stats_window,
+        train_index=tuple(str(ctx.path("real", f"{n}.parquet")) for n in real_meta(ctx)["shards"]["train"]),
     )
 
 
@@ -60,7 +63,10 @@ class SqueezeWorker:
         else:
             metrics = launch(ctx, train_teacher, job, sq.workers)
         metrics["arch"] = sq.arch
-        return UnitResult(outputs=[ctx.ref(ctx.path(TEACHER))], metrics=metrics)
+        outputs = [ctx.ref(ctx.path(TEACHER))]
+        if job.sample_stats:
+            outputs.append(ctx.ref(Path(job.sample_stats)))
+        return UnitResult(outputs=outputs, metrics=metrics)
 
     def close(self) -> None:
         pass

@@ -1,0 +1,121 @@
+"""The `hard` student protocol: cross-entropy on the synthetic images' own labels, as DC, DSA and DM evaluate.
+
+What the official evaluation (`evaluate_synset` of VICO-UoE/DatasetCondensation `utils.py`, used unchanged by DM
+and DataDAM) does, and this file reproduces:
+
+* a fresh ConvNet-3 (instance norm by default) trained from scratch on the synthetic set alone, cross-entropy on
+  the hard labels, SGD with momentum 0.9 and weight decay 5e-4, lr 0.01, batch 256, the whole set shuffled
+  every epoch (the last batch of an epoch may be smaller; nothing is repeated to fill it);
+* the learning rate drops to 0.1x at half the epochs, where the official loop builds a new optimizer, so the
+  momentum buffers restart there too (done here by clearing the optimizer state at that epoch);
+* 300 epochs without augmentation (DC) or 1000 with DSA augmentation (DSA, DM, DataDAM: `DiffAugment` with no
+  seed, so every image draws its own parameters and one operation group is drawn per batch).
+
+Deviations: the images are the recover stage's 8-bit PNGs (the official code keeps float tensors); DC's own code
+also augments MNIST at evaluation (crop/scale/rotate, `get_daparam`), which the paper's protocol and this one do
+not. One process: a hard-label set is IPC x C images, small enough for one device, and splitting a batch of 10
+images over DDP ranks would buy nothing. The epoch order and every augmentation are drawn from generators keyed
+by (run seed, "train-hard", epoch, batch), so a resumed run continues with the same draws.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import ddp
+from pipeline.models import build_model
+from pipeline.seeding import derive_seed, generator
+from pipeline.synthesis import normalize
+from pipeline.trainloop import evaluate, resume, save_atomic, save_checkpoint, val_loader
+
+if TYPE_CHECKING:
+    from pipeline.student import StudentJob
+
+log = logging.getLogger(__name__)
+
+DSA_EPOCHS = 1000  # DSA's and DM's `epoch_eval_train` with augmentation
+PLAIN_EPOCHS = 300  # DC's `epoch_eval_train`, no augmentation
+
+
+@dataclass(frozen=True)
+class HardSpec:
+    """The effective hard-label protocol of a student job (every `auto` resolved by the train stage)."""
+
+    arch: str  # the student architecture (`train.hard_arch`)
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    dsa_strategy: str  # DSA augmentation strategy of every batch; "" = none
+
+
+def epoch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The epoch's batches: a seeded permutation of all n images cut into batches (the last one may be smaller)."""
+    perm = torch.randperm(n, generator=generator(seed, "train-hard", "order", epoch)).tolist()
+    return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def lr_factor(epoch: int, epochs: int) -> float:
+    """1 for the first half of the epochs, 0.1 after (the official `lr_schedule = [Epoch // 2 + 1]`)."""
+    return 1.0 if epoch < epochs // 2 else 0.1
+
+
+def train_hard(job: StudentJob) -> dict[str, Any]:
+    """Train the hard-label student of `job` in this process; resume from the last epoch's checkpoint."""
+    from pipeline.data.synthetic import load_images
+    from pipeline.dsa import augment
+    from pipeline.student import _index
+
+    spec = job.hard
+    if spec is None:
+        raise ValueError("a hard-protocol student job needs its HardSpec")
+    device = ddp.device_for_rank()
+    raw, labels = load_images(Path(job.synthetic_dir), _index(job), None)
+    x_all = normalize(raw.float().div_(255.0), job.data.mean, job.data.std)
+    n, seed = len(x_all), job.data.seed
+    torch.manual_seed(derive_seed(seed, "train", "init"))
+    model = build_model(spec.arch, job.data.num_classes, job.data.resolution).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(e, spec.epochs))
+    ckpt_path = Path(job.checkpoint)
+    ckpt = resume(ckpt_path, job.config_hash, model, opt, sched, "train")
+    resumed_from = int(ckpt["epoch"]) + 1 if ckpt else None
+    start, history = resumed_from or 0, list(ckpt.get("history", [])) if ckpt else []
+    t0 = time.time()
+    every = job.eval_every
+    for epoch in range(start, spec.epochs):
+        if epoch == spec.epochs // 2 and epoch > 0:
+            opt.state.clear()  # the official loop makes a new SGD here: momentum restarts with the lower lr
+        model.train()
+        total = torch.zeros(2, dtype=torch.float64)
+        for b, ids in enumerate(epoch_order(n, spec.batch_size, seed, epoch)):
+            x = x_all[ids].to(device)
+            y = labels[ids].to(device)
+            if spec.dsa_strategy:
+                x = augment(x, generator(seed, "train-hard", "dsa", epoch, b), spec.dsa_strategy, per_sample=True)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total[0] += float(loss.detach()) * len(ids)
+            total[1] += len(ids)
+        sched.step()
+        if every and (epoch + 1) % every == 0 and epoch + 1 < spec.epochs:
+            m = evaluate(model, val_loader(job.data, 0, 1, device), device)
+            history.append({"epoch": epoch + 1, "top1": m["top1"], "top5": m["top5"]})
+        if (epoch + 1) % max(1, spec.epochs // 50) == 0 or epoch + 1 == spec.epochs:
+            save_checkpoint(ckpt_path, model, opt, sched, epoch, job.config_hash, history=history)
+        if (epoch + 1) % max(1, spec.epochs // 10) == 0 or epoch + 1 == spec.epochs:
+            log.info("train (hard): epoch %d/%d ce %.4f (%.1fs)", epoch + 1, spec.epochs,
+                     float(total[0] / max(1.0, float(total[1]))), time.time() - t0)
+    save_atomic(model.state_dict(), Path(job.output))
+    return {"epochs": spec.epochs, "num_images": n, "history": history, "resumed_from_epoch": resumed_from,
+            "world_size": 1, "train_seconds": round(time.time() - t0, 2), "protocol": "hard"}
