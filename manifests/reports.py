@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from manifests.results import LONG_COLUMNS, RunResult
+from manifests.results import COST_KEYS, LONG_COLUMNS, RunResult
 from manifests.store import atomic_path, atomic_write_bytes, atomic_write_text
 
-ROW_KEYS = ("dataset", "teacher", "student", "method")
+ROW_KEYS = ("dataset", "teacher", "student", "protocol", "method")
 OUT_SUFFIXES = (".md", ".csv", ".parquet")
 
 
@@ -60,9 +60,9 @@ def format_markdown(
         table: dict[tuple[str, ...], dict[int, dict[str, Any]]] = defaultdict(dict)
         for r in rows:
             table[tuple(r[k] for k in ROW_KEYS)][int(r["ipc"])] = r
-        head = ["dataset", "teacher", "student", "method", "teacher top-1"] + [f"IPC {i}" for i in ipcs]
+        head = ["dataset", "teacher", "student", "protocol", "method", "teacher top-1"] + [f"IPC {i}" for i in ipcs]
         lines.append("| " + " | ".join(head) + " |")
-        lines.append("|" + "|".join(["---"] * 4 + ["---:"] * (1 + len(ipcs))) + "|")
+        lines.append("|" + "|".join(["---"] * 5 + ["---:"] * (1 + len(ipcs))) + "|")
         for key in sorted(table):
             cells = table[key]
             teacher = [c["teacher_top1_mean"] for c in cells.values() if c["teacher_top1_mean"] is not None]
@@ -72,6 +72,7 @@ def format_markdown(
             lines.append("| " + " | ".join(_md_escape(v) for v in [*key, teacher_cell, *values]) + " |")
         lines += ["", "Cells: student top-1 on the real validation set, mean ± sample std (ddof=1) over seeds, "
                   "n = number of runs.", ""]
+        lines += cost_lines(rows)
     if runs:
         lines += ["## Runs", "", "| run | dataset | method | IPC | seed | top-1 | top-5 | image grids |",
                   "|---|---|---|---:|---:|---:|---:|---|"]
@@ -85,6 +86,37 @@ def format_markdown(
     if problems:
         lines += ["## Not counted", ""] + [f"- {_md_escape(p)}" for p in problems] + [""]
     return "\n".join(lines)
+
+
+def cost_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The recover cost table: per (dataset, method, IPC), mean seconds per unit, image-iterations/s, images/s,
+    and the unit time against SRe2L's at the same (dataset, IPC) when SRe2L runs are among those collected."""
+    cells: dict[tuple[str, str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        cells[(r["dataset"], r["method"], int(r["ipc"]))].append(r)
+
+    def mean(key: str, group: list[dict[str, Any]]) -> float | None:
+        vals = [g[key] for g in group if g.get(key) is not None]
+        return statistics.fmean(vals) if vals else None
+
+    if not any(mean("recover_unit_s", g) is not None for g in cells.values()):
+        return []
+    lines = ["## Recover cost", "", "| dataset | method | IPC | s / unit | image-it/s | images/s | unit time / SRe2L's |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for (dataset, method, ipc), group in sorted(cells.items()):
+        unit_s = mean("recover_unit_s", group)
+        ref = mean("recover_unit_s", cells.get((dataset, "sre2l", ipc), []))
+        ratio = f"{unit_s / ref:.2f}" if unit_s is not None and ref else "-"
+
+        def fmt(v: float | None, digits: int = 1) -> str:
+            return "-" if v is None else f"{v:.{digits}f}"
+
+        lines.append(f"| {_md_escape(dataset)} | {_md_escape(method)} | {ipc} | {fmt(unit_s, 2)} | "
+                     f"{fmt(mean('recover_image_it_per_s', group))} | {fmt(mean('recover_images_per_s', group))} | "
+                     f"{ratio} |")
+    lines += ["", "Measured by each run's recover units (wall seconds of the method's work, on the machine that ran "
+              "them); image-iterations are 0 for selection methods, so only images/s applies to them.", ""]
+    return lines
 
 
 def _csv_value(value: Any) -> Any:
@@ -112,9 +144,10 @@ def write_parquet(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
     import pyarrow.parquet as pq
 
     schema = pa.schema([
-        ("dataset", pa.string()), ("teacher", pa.string()), ("student", pa.string()), ("method", pa.string()),
-        ("ipc", pa.int64()), ("n_seeds", pa.int64()), ("top1_mean", pa.float64()), ("top1_std", pa.float64()),
-        ("top5_mean", pa.float64()), ("teacher_top1_mean", pa.float64()), ("runs", pa.list_(pa.string())),
+        ("dataset", pa.string()), ("teacher", pa.string()), ("student", pa.string()), ("protocol", pa.string()),
+        ("method", pa.string()), ("ipc", pa.int64()), ("n_seeds", pa.int64()), ("top1_mean", pa.float64()),
+        ("top1_std", pa.float64()), ("top5_mean", pa.float64()), ("teacher_top1_mean", pa.float64()),
+        *[(k, pa.float64()) for k in COST_KEYS], ("runs", pa.list_(pa.string())),
     ])
     table = pa.Table.from_pylist([{k: row.get(k) for k in LONG_COLUMNS} for row in rows], schema=schema)
     with atomic_path(Path(path)) as tmp:
@@ -134,9 +167,9 @@ def write_plot(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels: dict[tuple[str, str, str], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    panels: dict[tuple[str, str, str, str], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        panels[(r["dataset"], r["teacher"], r["student"])][r["method"]].append(r)
+        panels[(r["dataset"], r["teacher"], r["student"], r["protocol"])][r["method"]].append(r)
     n = max(1, len(panels))
     fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False)
     for ax, key in zip(axes[0], sorted(panels), strict=False):
@@ -148,7 +181,7 @@ def write_plot(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
         if len(ipcs) > 1 and ipcs[0] > 0 and ipcs[-1] / ipcs[0] >= 10:
             ax.set_xscale("log")
         ax.set_xticks(ipcs, [str(i) for i in ipcs])
-        ax.set_title(f"{key[0]}: {key[1]} -> {key[2]}", fontsize=9)
+        ax.set_title(f"{key[0]}: {key[1]} -> {key[2]} ({key[3]})", fontsize=9)
         ax.set_xlabel("images per class")
         ax.set_ylabel("student top-1")
         ax.grid(alpha=0.3)

@@ -1,7 +1,8 @@
 """The results table: a verified run's entry (from its evaluate record) and the grouped mean ± std.
 
-Runs are grouped by (dataset, teacher, student, method, ipc); a group's top-1 is reported as
-mean ± sample std (ddof=1) over its runs (seeds), in long form (LONG_COLUMNS).
+Runs are grouped by (dataset, teacher, student, protocol, method, ipc); a group's top-1 is reported as
+mean ± sample std (ddof=1) over its runs (seeds), in long form (LONG_COLUMNS), with the recover stage's cost
+(`recover_cost`: mean wall seconds per unit, image-iterations/s and images/s over all units) averaged over them.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from manifests.store import STAGE_RECORD
 
 EVALUATE = "evaluate"
 RECOVER = "recover"
-GROUP_KEYS = ("dataset", "teacher", "student", "method", "ipc")
+GROUP_KEYS = ("dataset", "teacher", "student", "protocol", "method", "ipc")
+COST_KEYS = ("recover_unit_s", "recover_image_it_per_s", "recover_images_per_s")
 LONG_COLUMNS = (
-    "dataset", "teacher", "student", "method", "ipc", "n_seeds", "top1_mean", "top1_std", "top5_mean",
-    "teacher_top1_mean", "runs",
+    "dataset", "teacher", "student", "protocol", "method", "ipc", "n_seeds", "top1_mean", "top1_std", "top5_mean",
+    "teacher_top1_mean", *COST_KEYS, "runs",
 )
 
 
@@ -44,10 +46,25 @@ class RunResult:
     run_id: str = ""
     grids: list[Path] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    protocol: str = "kd"
+    cost: dict[str, float | None] = field(default_factory=dict)  # COST_KEYS, from the recover unit records
 
     @property
-    def group(self) -> tuple[str, str, str, str, int]:
-        return (self.dataset, self.teacher, self.student, self.method, self.ipc)
+    def group(self) -> tuple[str, str, str, str, str, int]:
+        return (self.dataset, self.teacher, self.student, self.protocol, self.method, self.ipc)
+
+
+def recover_cost(records: Sequence[Record]) -> dict[str, float | None]:
+    """The recover stage's cost from its unit records: mean wall seconds per unit, image-iterations/s and images/s
+    over all units (None where no unit recorded them; image-iterations are 0 for selection methods)."""
+    units = [r for r in records if r.unit != STAGE_RECORD and r.status == "done"]
+    secs = [float(r.metrics["seconds"]) for r in units if isinstance(r.metrics.get("seconds"), (int, float))]
+    total = sum(secs)
+    its = sum(float(r.metrics.get("image_iterations") or 0) for r in units)
+    images = sum(float(r.metrics.get("images") or 0) for r in units)
+    return {"recover_unit_s": statistics.fmean(secs) if secs else None,
+            "recover_image_it_per_s": its / total if total > 0 and its > 0 else None,
+            "recover_images_per_s": images / total if total > 0 and images > 0 else None}
 
 
 def _read_config(run_dir: Path) -> dict[str, Any]:
@@ -121,6 +138,8 @@ def run_result(run_dir: Path, records: dict[str, list[Record]]) -> tuple[RunResu
         seed=seed, top1=top1, top5=_as_float(summary.get("top5")),
         teacher_top1=_as_float(summary.get("teacher_top1")), run_id=str(cfg.get("run_id", evals[0].run_id)),
         grids=[run_dir / g for g in grid_names], summary=summary,
+        protocol=str((summary.get("protocol") or {}).get("name", "kd")) if isinstance(summary.get("protocol"), dict)
+        else "kd", cost=recover_cost(records.get(RECOVER, [])),
     ), []
 
 
@@ -129,13 +148,18 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
     return mean, (statistics.stdev(values) if len(values) > 1 else None)
 
 
+def _mean_of(values: list[Any]) -> float | None:
+    present = [float(v) for v in values if isinstance(v, (int, float))]
+    return statistics.fmean(present) if present else None
+
+
 def results_table(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
     """Long-form rows, one per (dataset, teacher, student, method, ipc), sorted.
 
     Keys: LONG_COLUMNS. `top1_std` is the sample std (ddof=1) or None for a single run;
     `runs` lists the run directories.
     """
-    groups: dict[tuple[str, str, str, str, int], list[RunResult]] = defaultdict(list)
+    groups: dict[tuple[str, str, str, str, str, int], list[RunResult]] = defaultdict(list)
     for run in runs:
         groups[run.group].append(run)
     rows = []
@@ -151,6 +175,7 @@ def results_table(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
             "top1_std": top1_std,
             "top5_mean": statistics.fmean(top5) if len(top5) == len(members) else None,
             "teacher_top1_mean": statistics.fmean(teacher) if teacher else None,
+            **{k: _mean_of([r.cost.get(k) for r in members]) for k in COST_KEYS},
             "runs": [str(r.run_dir) for r in members],
         })
     return rows

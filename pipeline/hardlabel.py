@@ -68,10 +68,40 @@ def lr_factor(epoch: int, epochs: int) -> float:
     return 1.0 if epoch < epochs // 2 else 0.1
 
 
+def make_optimizer(model: torch.nn.Module, spec: HardSpec) -> tuple[torch.optim.Optimizer, Any]:
+    """SGD (momentum, weight decay on every parameter) and the per-epoch step schedule of `lr_factor`."""
+    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(e, spec.epochs))
+
+
+def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, x_all: torch.Tensor, labels: torch.Tensor,
+                spec: HardSpec, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
+    """One epoch over the normalized images `x_all` [N, 3, R, R] (CPU) with hard `labels` [N]: the seeded order,
+    DSA per image when `spec.dsa_strategy`, CE, one SGD step per batch. Returns (loss sum, images) float64.
+    Pure compute (no files): the train stage and the benchmarks share it."""
+    from pipeline.dsa import augment
+
+    if epoch == spec.epochs // 2 and epoch > 0:
+        opt.state.clear()  # the official loop makes a new SGD here: momentum restarts with the lower lr
+    model.train()
+    total = torch.zeros(2, dtype=torch.float64)
+    for b, ids in enumerate(epoch_order(len(x_all), spec.batch_size, seed, epoch)):
+        x = x_all[ids].to(device)
+        y = labels[ids].to(device)
+        if spec.dsa_strategy:
+            x = augment(x, generator(seed, "train-hard", "dsa", epoch, b), spec.dsa_strategy, per_sample=True)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total[0] += float(loss.detach()) * len(ids)
+        total[1] += len(ids)
+    return total
+
+
 def train_hard(job: StudentJob) -> dict[str, Any]:
     """Train the hard-label student of `job` in this process; resume from the last epoch's checkpoint."""
     from pipeline.data.synthetic import load_images
-    from pipeline.dsa import augment
     from pipeline.student import _index
 
     spec = job.hard
@@ -83,8 +113,7 @@ def train_hard(job: StudentJob) -> dict[str, Any]:
     n, seed = len(x_all), job.data.seed
     torch.manual_seed(derive_seed(seed, "train", "init"))
     model = build_model(spec.arch, job.data.num_classes, job.data.resolution).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr_factor(e, spec.epochs))
+    opt, sched = make_optimizer(model, spec)
     ckpt_path = Path(job.checkpoint)
     ckpt = resume(ckpt_path, job.config_hash, model, opt, sched, "train")
     resumed_from = int(ckpt["epoch"]) + 1 if ckpt else None
@@ -92,21 +121,7 @@ def train_hard(job: StudentJob) -> dict[str, Any]:
     t0 = time.time()
     every = job.eval_every
     for epoch in range(start, spec.epochs):
-        if epoch == spec.epochs // 2 and epoch > 0:
-            opt.state.clear()  # the official loop makes a new SGD here: momentum restarts with the lower lr
-        model.train()
-        total = torch.zeros(2, dtype=torch.float64)
-        for b, ids in enumerate(epoch_order(n, spec.batch_size, seed, epoch)):
-            x = x_all[ids].to(device)
-            y = labels[ids].to(device)
-            if spec.dsa_strategy:
-                x = augment(x, generator(seed, "train-hard", "dsa", epoch, b), spec.dsa_strategy, per_sample=True)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total[0] += float(loss.detach()) * len(ids)
-            total[1] += len(ids)
+        total = train_epoch(model, opt, x_all, labels, spec, seed, epoch, device)
         sched.step()
         if every and (epoch + 1) % every == 0 and epoch + 1 < spec.epochs:
             m = evaluate(model, val_loader(job.data, 0, 1, device), device)

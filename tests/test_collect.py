@@ -35,9 +35,10 @@ def _rec(run_id: str, stage: str, unit: str, outputs: list[FileRef] = (), metric
                   outputs=tuple(outputs), metrics=metrics or {}, ended=1.0)
 
 
-def make_run(root: Path, method: str, ipc: int, seed: int, top1: float, evaluate: bool = True) -> Path:
+def make_run(root: Path, method: str, ipc: int, seed: int, top1: float, evaluate: bool = True,
+             protocol: str = "kd", unit_metrics: dict | None = None) -> Path:
     """A run directory with the layout of a real one: config, per-stage records naming tiny outputs."""
-    run_dir = root / f"{method}-ipc{ipc}-s{seed}"
+    run_dir = root / (f"{method}-ipc{ipc}-s{seed}" + ("" if protocol == "kd" else f"-{protocol}"))
     run_id = run_dir.name
     cfg = {"run_id": run_id, "seed": seed, "data": {"dataset": "digits"}, "squeeze": {"arch": "convnet"},
            "train": {"arch": "convnet"}, "recover": {"method": method, "ipc": ipc}}
@@ -55,7 +56,7 @@ def make_run(root: Path, method: str, ipc: int, seed: int, top1: float, evaluate
     summary = {"dataset": "digits", "method": method, "ipc": ipc, "num_classes": 10, "num_images": 10 * ipc,
                "teacher": "convnet", "student": "convnet", "teacher_top1": 95.0 + seed, "top1": top1,
                "top5": top1 + 30.0, "best_top1": top1 + 1.0, "epochs": 100, "relabel_mode": "stored",
-               "seed": seed, "wall_s": {"ingest": 1.0}, "protocol": {"resolution": 32}}
+               "seed": seed, "wall_s": {"ingest": 1.0}, "protocol": {"resolution": 32, "name": protocol}}
     for stage in STAGES:
         if stage == "evaluate" and not evaluate:
             break
@@ -71,8 +72,8 @@ def make_run(root: Path, method: str, ipc: int, seed: int, top1: float, evaluate
             grid.parent.mkdir(parents=True, exist_ok=True)
             grid.write_bytes(b"\x89PNG fake")
             stage_metrics["grids"] = ["results/grids/c0000-0009.png"]
-        store.commit(_rec(run_id, stage, "job" if stage == "evaluate" else f"{stage}-u0", refs,
-                          summary if stage == "evaluate" else {}))
+        metrics = summary if stage == "evaluate" else (unit_metrics or {}) if stage == "recover" else {}
+        store.commit(_rec(run_id, stage, "job" if stage == "evaluate" else f"{stage}-u0", refs, metrics))
         store.commit(_rec(run_id, stage, STAGE_RECORD, metrics=stage_metrics))
     return run_dir
 
@@ -101,8 +102,8 @@ def test_table_statistics(runs_root: Path) -> None:
         assert row["teacher_top1_mean"] == pytest.approx(96.0)
         assert len(row["runs"]) == 3
     md = format_markdown(rows, runs)
-    assert "| dataset | teacher | student | method | teacher top-1 | IPC 10 | IPC 50 |" in md
-    assert "| digits | convnet | convnet | sre2l | 96.00 | 22.00 ± 2.00 (n=3) | 46.17 ± 1.26 (n=3) |" in md
+    assert "| dataset | teacher | student | protocol | method | teacher top-1 | IPC 10 | IPC 50 |" in md
+    assert "| digits | convnet | convnet | kd | sre2l | 96.00 | 22.00 ± 2.00 (n=3) | 46.17 ± 1.26 (n=3) |" in md
     assert "results/grids/c0000-0009.png" in md
     # a directory of runs stands for the runs in it
     assert len(load_runs([str(runs_root)])[0]) == 12
@@ -130,7 +131,7 @@ def test_modified_output_reported_and_excluded(runs_root: Path, capsys: pytest.C
     assert "synthetic/c0000-0009/ipc000-004.tar has changed" in captured.err
     values = [TOP1[("dwa", 10)][0], TOP1[("dwa", 10)][2]]
     cell = format_cell(statistics.fmean(values), statistics.stdev(values), 2)
-    assert f"| digits | convnet | convnet | dwa | 96.00 | {cell} |" in captured.out
+    assert f"| digits | convnet | convnet | kd | dwa | 96.00 | {cell} |" in captured.out
     assert "11 run(s) counted in 4 cell(s), 1 run(s) left out" in captured.err
 
 
@@ -170,8 +171,9 @@ def test_outputs_written(runs_root: Path, tmp_path: Path) -> None:
     with open(out / "table.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 4
-    assert list(rows[0]) == ["dataset", "teacher", "student", "method", "ipc", "n_seeds", "top1_mean", "top1_std",
-                             "top5_mean", "teacher_top1_mean", "runs"]
+    assert list(rows[0]) == ["dataset", "teacher", "student", "protocol", "method", "ipc", "n_seeds", "top1_mean",
+                             "top1_std", "top5_mean", "teacher_top1_mean", "recover_unit_s", "recover_image_it_per_s",
+                             "recover_images_per_s", "runs"]
     assert rows[0]["n_seeds"] == "3" and len(rows[0]["runs"].split(";")) == 3
 
     import pyarrow.parquet as pq
@@ -189,3 +191,20 @@ def test_no_match_exit_2(tmp_path: Path) -> None:
     assert collect_main([str(tmp_path / "nothing-*")], None) == 2
     assert collect_main([str(tmp_path)], None) == 2  # a folder without run directories
     assert collect_main([str(tmp_path / "x")], str(tmp_path / "t.txt")) == 2
+
+
+def test_protocols_are_separate_rows_and_recover_cost_is_shown_against_sre2l(tmp_path, capsys):
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        make_run(root, "sre2l", 10, seed, 40.0, unit_metrics={"seconds": 10.0, "images": 100, "image_iterations": 30000})
+    make_run(root, "dm", 10, 0, 50.0, unit_metrics={"seconds": 40.0, "images": 100, "image_iterations": 20000})
+    make_run(root, "dm", 10, 0, 60.0, protocol="hard",
+             unit_metrics={"seconds": 40.0, "images": 100, "image_iterations": 20000})
+    make_run(root, "herding", 10, 0, 45.0, unit_metrics={"seconds": 2.0, "images": 100, "image_iterations": 0})
+    assert collect_main([str(root)], None) == 0
+    out = capsys.readouterr().out
+    assert "| digits | convnet | convnet | kd | dm | 96.00 | 50.00 (n=1) |" in out
+    assert "| digits | convnet | convnet | hard | dm | 96.00 | 60.00 (n=1) |" in out  # not averaged with kd
+    assert "| digits | sre2l | 10 | 10.00 | 3000.0 | 10.0 | 1.00 |" in out
+    assert "| digits | dm | 10 | 40.00 | 500.0 | 2.5 | 4.00 |" in out
+    assert "| digits | herding | 10 | 2.00 | - | 50.0 | 0.20 |" in out  # selection: no image-iterations
