@@ -153,3 +153,42 @@ def test_every_method_runs_end_to_end_to_a_summary(teacher_run, tmp_path, method
     assert summary["method"] == method and summary["protocol"]["name"] == protocol
     assert summary["num_images"] == 10 * 2 and 0.0 <= summary["top1"] <= 100.0
     assert bool(ManifestStore(run_dir).records("relabel")) == (protocol == "kd")
+
+
+@pytest.mark.slow
+def test_a_matching_unit_killed_mid_stage_reruns_to_the_same_bytes(teacher_run, tmp_path):
+    """DM units (whole class shards) after a SIGKILL of the driver: the finished unit is kept, the killed one is
+    redone, and every output equals a clean run's."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tests.helpers import FAST
+
+    sets = ["recover.method=dm", "recover.dm.iterations=40", "recover.dm.width=16", "recover.dm.batch_real=8"]
+    clean = clone_run(teacher_run, tmp_path / "clean")
+    run_pipeline(fast_config(*sets), clean, stages=["recover"], progress=False)
+    run_dir = clone_run(teacher_run, tmp_path / "killed")
+    cmd = [sys.executable, "-m", "workers.cli", "run", "--run-dir", str(run_dir), "--stages", "recover", "--no-progress"]
+    for o in [*FAST, *sets]:
+        cmd += ["--set", o]
+    units = run_dir / "manifests" / "recover"
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while not list(units.glob("c*.json")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no unit finished before the driver ended"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+    assert len(list(units.glob("c*.json"))) == 1, "the kill came too late to leave a unit undone"
+    run_pipeline(fast_config(*sets), run_dir, stages=["recover"], progress=False)
+    got = {r.unit: [(o.uri, o.sha256) for o in r.outputs] for r in ManifestStore(run_dir).records("recover")}
+    want = {r.unit: [(o.uri, o.sha256) for o in r.outputs] for r in ManifestStore(clean).records("recover")}
+    assert got == want and len(got) == 2
