@@ -105,11 +105,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.json").exists():
         raise ConfigError(f"{run_dir} is not a run directory (no config.json)")
-    rows = status(config_from_json(run_dir / "config.json"), run_dir)
+    try:
+        cfg = config_from_json(run_dir / "config.json")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{run_dir / 'config.json'} is corrupt ({exc}); restore it, or delete it and run "
+                          "`distill run` on the directory again to write it") from None
+    rows = status(cfg, run_dir)
     print(f"{'stage':<10}{'done':>6}{'failed':>8}{'pending':>9}  {'config':<9} state")
     for st in rows:
         pending = "?" if st.pending is None else str(st.pending)
         state = "complete" if st.complete else ("running/partial" if st.done else "not started")
+        state = f"damaged ({st.damaged} record(s))" if st.damaged else state
         note = f"  ({'; '.join(st.notes)})" if st.notes else ""
         print(f"{st.name:<10}{st.done:>6}{st.failed:>8}{pending:>9}  {st.hash_state:<9} {state}{note}")
     return 0
@@ -170,6 +176,7 @@ def main(argv: list[str] | None = None, make_executor: ExecutorFactory | None = 
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from manifests.store import ManifestError
     from pipeline.runner import StageFailed
 
     handlers = {"run": _cmd_run, "status": _cmd_status, "recipes": _cmd_recipes, "methods": _cmd_methods,
@@ -178,8 +185,12 @@ def main(argv: list[str] | None = None, make_executor: ExecutorFactory | None = 
         if args.command == "run":
             return _cmd_run(args, make_executor)
         return handlers[args.command](args)
-    except ConfigError as exc:
+    except (ConfigError, ManifestError) as exc:
         print(f"distill: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system refused (read-only, not a directory, disk full): path and cause
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"distill: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except StageFailed as exc:
         print(f"distill: stage failed: {exc}", file=sys.stderr)

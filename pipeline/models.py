@@ -345,8 +345,14 @@ def load_state_dict_checked(model: nn.Module, state_dict: Mapping[str, torch.Ten
     """Load `state_dict` into `model` strictly, after checking keys and shapes.
 
     On any mismatch a ValueError names `source`, the first few missing and unexpected keys, and each shape
-    mismatch as "key: expected (a, b), found (c, d)".
+    mismatch as "key: expected (a, b), found (c, d)"; what is not a mapping of names to tensors at all (a bare
+    tensor, a list, a dict of other things) is "not a state_dict: SOURCE".
     """
+    if not isinstance(state_dict, Mapping) or not state_dict or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
+        kind = type(state_dict).__name__ if not isinstance(state_dict, Mapping) else (
+            "an empty mapping" if not state_dict else "a mapping that does not hold only named tensors")
+        raise ValueError(f"not a state_dict: {source} (found {kind})")
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]

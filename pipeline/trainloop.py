@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,7 +334,9 @@ def resolve_weights(source: str) -> dict[str, torch.Tensor]:
             raise FileNotFoundError(f"squeeze.weights: file not found: {path}")
         try:
             state = load_weights(path)
-        except (pickle.UnpicklingError, RuntimeError, KeyError, EOFError, ValueError) as exc:  # no torch file
+        except (OSError, MemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - torch.load's error depends on the bytes of a file it cannot read
             raise ValueError(f"squeeze.weights: not a state_dict: {path} ({type(exc).__name__}: {exc})") from None
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]  # one of our own checkpoints

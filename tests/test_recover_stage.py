@@ -284,7 +284,7 @@ def _bn_less_teacher(ctx, device):  # noqa: ANN001, ANN202 - stands in for recov
 BAD_INPUTS = {
     "ipc0": (["recover.ipc=0"], r"recover\.ipc.*must be > 0, got 0"),
     "shard_too_big": (["recover.classes_per_shard=11"], r"classes_per_shard=11 .*\b10 classes"),
-    "no_teacher": ([], r"teacher weights .*not found: .*teacher\.pt"),
+    "no_teacher": ([], r"checkpoints/teacher\.pt is missing; run again with --stages including squeeze"),
     "bn_less_teacher": ([], r"no BatchNorm2d"),
 }
 

@@ -99,6 +99,8 @@ class Stage:
     - `distributed`: units go through the executor (local or Ray actors); otherwise the
       driver runs them itself (a DDP job launches its ranks through `ctx.executor.launch_ddp`).
     - `needs_gpu`: a Ray actor for this stage asks for one GPU when the cluster has GPUs.
+    - `reads`: upstream stages whose output files the units read (None: every upstream stage, transitively).
+      The runner checks those files before the stage runs and lists them as each record's inputs.
     """
 
     name: str = ""
@@ -107,6 +109,27 @@ class Stage:
     distributed: bool = False
     needs_gpu: bool = False
     output_dirs: tuple[str, ...] = ()  # folders under the run dir that --fresh clears with the stage's records
+    reads: tuple[str, ...] | None = None
+
+    def read_stages(self, ctx: RunContext) -> tuple[str, ...] | None:
+        """The upstream stages whose files this run of the stage reads (default: `reads`); a stage whose reads
+        depend on the config (recover: the teacher only for methods that use it) overrides this."""
+        return self.reads
+
+    def resume_files(self) -> tuple[str, ...]:
+        """Files (under the run dir) a driver-side job resumes from: deleted when its inputs change, so that
+        a rerun starts over instead of resuming work made from other inputs. By convention
+        `checkpoints/<stage>-last.pt` for the DDP jobs; none for distributed stages."""
+        return () if self.distributed else (f"checkpoints/{self.name}-last.pt",)
+
+    def stage_files(self, ctx: RunContext) -> list[Path]:
+        """Files `finalize` writes that later stages read: listed (hashed) in the stage record."""
+        return []
+
+    def input_changes(self, ctx: RunContext) -> list[str]:
+        """What changed in the stage's inputs from outside the run directory (the data folder) since its
+        records were made; one phrase per change. A rerun with changes is refused unless --fresh."""
+        return []
 
     def validate(self, ctx: RunContext) -> None:
         """Check inputs before any work starts; raise ConfigError with a clear message."""

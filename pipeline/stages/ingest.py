@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from manifests.schema import FileRef
+from manifests.store import atomic_write_text
 from pipeline.config import ConfigError
 from pipeline.data import demo
-from pipeline.data.classmap import REAL_DIR, write_class_map
+from pipeline.data.classmap import REAL_DIR, class_map_path, write_class_map
 from pipeline.data.images import SOURCE_IMAGE_SUFFIXES
 from pipeline.data.shards import Sample, shard_name, write_shard
 from pipeline.seeding import derive_seed
@@ -21,6 +26,7 @@ from pipeline.stages.base import RunContext, Stage, Unit, UnitResult
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
+SOURCE_FILE = "source.json"  # RUN_DIR/real/source.json: the fingerprint of the data folder that was ingested
 
 
 class BadImage(Exception):
@@ -29,6 +35,13 @@ class BadImage(Exception):
 
 def list_folder(root: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]], int]:
     """Classes (sorted folder names, as torchvision's ImageFolder) and (path, class) per split."""
+    classes, items, skipped, _ = scan_folder(root)
+    return classes, items, skipped
+
+
+def scan_folder(root: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]], int, dict[str, Any]]:
+    """`list_folder` plus the folder's fingerprint: per split and class the number of images, their bytes and
+    a sha256 of their (name, size, mtime) list, and a sha256 over all of it (see `fingerprint_changes`)."""
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(f"data folder not found: {root}")
@@ -49,18 +62,58 @@ def list_folder(root: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]]
         )
     classes = split_classes["train"]
     items: dict[str, list[tuple[str, int]]] = {}
+    per_class: dict[str, dict[str, dict[str, Any]]] = {}
     skipped = 0
     for split in SPLITS:
-        items[split] = []
+        items[split], per_class[split] = [], {}
         for ci, name in enumerate(classes):
             folder = root / split / name
-            files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-            images = [p for p in files if p.suffix.lower() in SOURCE_IMAGE_SUFFIXES]
+            with os.scandir(folder) as it:
+                files = sorted((e for e in it if e.is_file() and not e.name.startswith(".")), key=lambda e: e.name)
+            images = [e for e in files if Path(e.name).suffix.lower() in SOURCE_IMAGE_SUFFIXES]
             skipped += len(files) - len(images)
             if not images:
                 raise ConfigError(f"class folder {folder} holds no images; remove it from both splits or add images")
-            items[split].extend((str(p), ci) for p in images)
-    return classes, items, skipped
+            items[split].extend((str(folder / e.name), ci) for e in images)
+            stats = [(e.name, e.stat()) for e in images]
+            listing = "".join(f"{n}\t{st.st_size}\t{st.st_mtime_ns}\n" for n, st in stats)
+            per_class[split][name] = {"files": len(images), "bytes": sum(st.st_size for _, st in stats),
+                                      "sha256": hashlib.sha256(listing.encode()).hexdigest()}
+    fingerprint = {"source": str(root.resolve()), "classes": classes, "splits": per_class,
+                   "files": sum(c["files"] for sp in per_class.values() for c in sp.values()),
+                   "bytes": sum(c["bytes"] for sp in per_class.values() for c in sp.values())}
+    fingerprint["sha256"] = hashlib.sha256(json.dumps([classes, per_class], sort_keys=True).encode()).hexdigest()
+    return classes, items, skipped, fingerprint
+
+
+def demo_fingerprint() -> dict[str, Any]:
+    """The bundled digits' fingerprint: a sha256 of the arrays the demo images are rendered from."""
+    images, labels = demo.load_digits_arrays()
+    digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+    return {"source": "demo", "classes": demo.CLASSES, "files": len(labels), "bytes": images.nbytes + labels.nbytes,
+            "sha256": digest}
+
+
+def fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two folder fingerprints, one phrase per change ("class 'x' added",
+    "3 files added in class '2' (train)"); empty when they are the same."""
+    if old.get("sha256") == new.get("sha256"):
+        return []
+    before, after = old.get("classes", []), new.get("classes", [])
+    out = [f"class '{c}' added" for c in after if c not in before]
+    out += [f"class '{c}' removed" for c in before if c not in after]
+    for split in SPLITS:
+        for c in (c for c in after if c in before):
+            o, n = old.get("splits", {}).get(split, {}).get(c), new["splits"][split][c]
+            if o == n:
+                continue
+            where = f"in class '{c}' ({split})"
+            d = n["files"] - (o or {}).get("files", 0)
+            if d:
+                out.append(f"{abs(d)} file{'s' if abs(d) != 1 else ''} {'added' if d > 0 else 'removed'} {where}")
+            else:
+                out.append(f"files changed {where} (names, sizes or modification times)")
+    return out or ["its listing changed"]
 
 
 def encode_checked(data: bytes, source: str) -> tuple[bytes, str]:
@@ -93,9 +146,30 @@ class IngestStage(Stage):
     output_dirs = (REAL_DIR,)
 
     def validate(self, ctx: RunContext) -> None:
+        """Check the folder (ConfigError naming the path) and record its fingerprint in real/source.json."""
         src = ctx.config.data.source
-        if src != "demo":
-            list_folder(Path(src))  # raises ConfigError naming the path
+        fingerprint = demo_fingerprint() if src == "demo" else scan_folder(Path(src))[3]
+        path = ctx.path(REAL_DIR, SOURCE_FILE)
+        text = json.dumps(fingerprint, indent=1, sort_keys=True)
+        if not path.is_file() or path.read_text() != text:
+            atomic_write_text(path, text)
+
+    def input_changes(self, ctx: RunContext) -> list[str]:
+        """How the data folder differs from the one ingested (real/source.json); nothing for the demo data
+        or before the first ingest."""
+        path = ctx.path(REAL_DIR, SOURCE_FILE)
+        if ctx.config.data.source == "demo" or not path.is_file():
+            return []
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            return [f"its recorded fingerprint {path} cannot be read ({exc})"]
+        new = scan_folder(Path(ctx.config.data.source))[3]
+        changes = fingerprint_changes(old, new)
+        return [f"data folder {new['source']}: {changes[0]}", *changes[1:]] if changes else []
+
+    def stage_files(self, ctx: RunContext) -> list[Path]:
+        return [class_map_path(ctx.path(REAL_DIR)), ctx.path(REAL_DIR, SOURCE_FILE)]
 
     def _listing(self, ctx: RunContext) -> tuple[list[str], dict[str, list[tuple[Any, int]]], int]:
         cfg = ctx.config.data
@@ -155,6 +229,13 @@ class IngestWorker:
         self.digits = None
         if ctx.config.data.source == "demo":
             self.digits, _ = demo.load_digits_arrays()
+        # the units' input: the whole source folder, by the fingerprint the stage's validate wrote
+        self.inputs: list[FileRef] = []
+        path = ctx.path(REAL_DIR, SOURCE_FILE)
+        if path.is_file():
+            fp = json.loads(path.read_text())
+            uri = "bundled:sklearn-digits" if fp["source"] == "demo" else fp["source"]
+            self.inputs = [FileRef(uri=uri, sha256=fp["sha256"], bytes=fp["bytes"])]
 
     def _samples(self, unit: Unit, bad: list[str]):  # noqa: ANN202 - generator of Sample
         split, start = unit.payload["split"], unit.payload["start"]
@@ -176,7 +257,8 @@ class IngestWorker:
         bad: list[str] = []
         paths = write_shard(self.ctx.path(REAL_DIR), unit.key, self._samples(unit, bad))
         n = len(unit.payload["items"]) - len(bad)
-        return UnitResult(outputs=[self.ctx.ref(p) for p in paths], metrics={"samples": n, "bad": bad})
+        return UnitResult(outputs=[self.ctx.ref(p) for p in paths], metrics={"samples": n, "bad": bad},
+                          inputs=list(self.inputs))
 
     def close(self) -> None:
         pass

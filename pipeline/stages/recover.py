@@ -97,6 +97,13 @@ class RecoverStage(Stage):
                 raise ConfigError(f"teacher '{ctx.config.squeeze.arch}' has no BatchNorm2d layers: recover method "
                                   f"'{r.method}' matches BN statistics and cannot use it")
 
+    def read_stages(self, ctx: RunContext) -> tuple[str, ...]:
+        """Squeeze's files (teacher, sample statistics) only when the method or the init may use them."""
+        r, needs = ctx.config.recover, get_method(ctx.config.recover.method).needs
+        uses = needs.teacher or needs.bn_teacher or needs.squeeze_stats or resolved_init(r.method, r.init) not in (
+            "noise", "real")
+        return ("ingest", "squeeze") if uses else ("ingest",)
+
     def plan(self, ctx: RunContext) -> list[Unit]:
         r = ctx.config.recover
         step = r.ipc if get_method(r.method).whole_class else r.ipc_per_unit
