@@ -70,16 +70,15 @@ def table(rows: list[dict], methods: list[str], ipcs: list[int]) -> str:
     lines = [head, "|" + "---|" * (1 + 2 * len(ipcs) + 1)]
     for m in methods:
         cells, secs = [], []
-        for j, i in enumerate(ipcs):
+        for i in ipcs:
             acc = [r["top1"] for r in rows if r["method"] == m and r["ipc"] == i]
             sec = [r["recover_s"] for r in rows if r["method"] == m and r["ipc"] == i]
-            if acc:
-                sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-                cells.append(f"{statistics.mean(acc):.1f} +- {sd:.1f} ({len(acc)})")
+            if len(acc) > 1:
+                cells.append(f"{statistics.mean(acc):.1f} +- {statistics.stdev(acc):.1f} (n={len(acc)})")
             else:
-                cells.append("-")
+                cells.append(f"{acc[0]:.1f} (n=1)" if acc else "-")
             ref = PAPER.get(m)
-            cells.append(ref[j] if ref and i in (1, 10) and j < 2 else "-")
+            cells.append(ref[(1, 10).index(i)] if ref and i in (1, 10) else "-")
             secs.append(f"{statistics.mean(sec):.0f}" if sec else "-")
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {'/'.join(secs)} |")
     return "\n".join(lines)
@@ -93,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds")
     p.add_argument("--student-epochs", type=int, default=300, help="hard-protocol student epochs")
     p.add_argument("--out", default=None, help="also write the markdown table here")
+    p.add_argument("--report", action="store_true", help="only print the table of the results so far")
     args = p.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     results = work / "results.jsonl"
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     done = {(r["method"], r["ipc"], r["seed"], r["epochs"]) for r in rows}
-    for seed in seeds:
+    for seed in [] if args.report else seeds:
         for ipc in ipcs:
             for m in methods:
                 if (m, ipc, seed, args.student_epochs) in done:

@@ -1,8 +1,10 @@
-"""Deterministic seeds derived from (run seed, stage, unit key, ...)."""
+"""Deterministic seeds derived from (run seed, stage, unit key, ...), and a fixed CPU thread count."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 
 import torch
 
@@ -21,3 +23,19 @@ def generator(run_seed: int, *parts: object, device: str | torch.device = "cpu")
     g = torch.Generator(device=device)
     g.manual_seed(derive_seed(run_seed, *parts))
     return g
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with exactly `n` torch CPU threads, then restore the previous count.
+
+    CPU kernels split their reductions by thread (BatchNorm's backward, sums), so float results depend on the
+    thread count: a fixed count makes them depend on nothing else (not OMP_NUM_THREADS, not the CPU
+    affinity, not what an executor set for its workers).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -8,12 +8,16 @@ resolved config) are the ones the pipeline itself hands to its executor's `launc
 processes). The run directory must have the job's upstream stages done; the job trains with a checkpoint
 per epoch and writes the final weights. A following `distill run` on the same run directory
 finds the last epoch's checkpoint, skips the training, evaluates and commits the stage's record.
+
+Each rank dies with the torchrun agent that started it (`pipeline.ddp.die_with_parent`, Linux): a SIGKILLed
+agent leaves no rank training and writing checkpoints behind.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -21,8 +25,12 @@ from pipeline import ddp
 from pipeline.config import config_from_json
 from pipeline.runner import open_context
 
+_LAUNCHER = os.getppid()  # read as early as possible: the agent that started this rank
+
 
 def main(argv: list[str] | None = None) -> int:
+    if "LOCAL_RANK" in os.environ:  # started by torchrun (or another launcher that sets it)
+        ddp.die_with_parent(_LAUNCHER)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", required=True)
     p.add_argument("--job", choices=("squeeze", "train"), required=True)

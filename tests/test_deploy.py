@@ -208,7 +208,8 @@ def _teacher_copy(src: Path, dst: Path) -> Path:
     """A new run directory holding only the ingest and squeeze results of `src` (their records included)."""
     shutil.copytree(src / "real", dst / "real")
     (dst / "checkpoints").mkdir(parents=True)
-    shutil.copy2(src / "checkpoints" / "teacher.pt", dst / "checkpoints" / "teacher.pt")
+    for name in ("teacher.pt", "teacher-samples.parquet"):  # every output the squeeze record names
+        shutil.copy2(src / "checkpoints" / name, dst / "checkpoints" / name)
     for stage in ("ingest", "squeeze"):
         shutil.copytree(src / "manifests" / stage, dst / "manifests" / stage)
     return dst

@@ -173,3 +173,78 @@ def test_pipeline_imports_neither_workers_nor_ray() -> None:
     offenders = {str(p.relative_to(ROOT)): sorted(_imports(p) & {"workers", "ray"})
                  for p in sorted((ROOT / "pipeline").rglob("*.py"))}
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+# ------------------------------------------------------------------------- orphans die with the driver
+
+@dataclass(frozen=True)
+class StuckJob:
+    """A DDP job whose ranks record their pids, then wait in a collective that never completes."""
+
+    folder: str
+
+
+def stuck_job(spec: StuckJob) -> dict[str, Any]:
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.ddp import dist_info
+
+    rank = dist_info()[0]
+    Path(spec.folder, f"rank{rank}.pid").write_text(str(os.getpid()))
+    # Each rank waits for a message the other never sends: native code, as a rank inside an all-reduce or
+    # a long kernel. A polite signal (SIGINT, what torch's spawn arms) only acts when that code returns.
+    dist.recv(torch.zeros(1), src=1 - rank)
+    return {}
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_local_ddp_ranks_listen_on_loopback_and_die_with_a_sigkilled_driver(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("from pipeline.executors import LocalExecutor\n"
+            "from tests.test_executors import StuckJob, stuck_job\n"
+            f"LocalExecutor().launch_ddp(stuck_job, StuckJob({str(tmp_path)!r}), 2)\n")
+    driver = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(pids) < 2:
+            assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the ranks did not start"
+            pids = [int(p.read_text()) for p in sorted(tmp_path.glob("rank*.pid")) if p.read_text()]
+            time.sleep(0.2)
+        assert all(_alive(pid) for pid in pids)
+        from tests.test_security import _is_loopback, _listening
+
+        sockets = _listening(set(pids))  # the rendezvous store and gloo: this machine only
+        assert sockets and [s for s in sockets if not _is_loopback(s[1])] == []
+        driver.kill()  # SIGKILL: no handler, no atexit, nothing of the driver runs any more
+        driver.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in pids if _alive(pid)], "DDP ranks outlived the SIGKILLed driver"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        for pid in pids:  # never leave orphans behind, even when the test fails
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if driver.stderr is not None:
+            driver.stderr.close()

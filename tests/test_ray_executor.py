@@ -181,3 +181,52 @@ def test_unit_that_always_raises_fails_after_max_attempts(ray_cluster, tmp_path)
     (failed,) = store.failures("toy")
     assert failed.unit == "u2" and failed.status == "failed" and failed.attempt == 2
     assert "Traceback" in failed.error and "ValueError: bad unit u2" in failed.error
+
+
+# ------------------------------------------------------------------ recover bytes: threads never matter
+
+THREADS_RECOVER = ("recover.method=dwa", "recover.dwa.iterations=30")  # enough steps for rounding to differ
+
+
+def _recover_outputs(run_dir: Path) -> dict[str, list[tuple[str, str]]]:
+    return {r.unit: sorted((o.uri, o.sha256) for o in r.outputs) for r in ManifestStore(run_dir).records("recover")}
+
+
+@pytest.mark.ray
+def test_recover_bytes_do_not_depend_on_thread_count_or_executor(ray_cluster, teacher_run, tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    from tests.helpers import clone_run, fast_config
+
+    root = Path(__file__).resolve().parents[1]
+    # 1. local, in this process, with 2 torch threads
+    local = clone_run(teacher_run, tmp_path / "local")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_pipeline(fast_config(*THREADS_RECOVER), local, stages=["recover"], progress=False)
+    finally:
+        torch.set_num_threads(before)
+    # 2. local, in a fresh process with OMP_NUM_THREADS=1
+    single = clone_run(teacher_run, tmp_path / "omp1")
+    code = ("import sys; from pipeline.runner import run_pipeline; from tests.helpers import fast_config; "
+            "run_pipeline(fast_config(*sys.argv[2:]), sys.argv[1], stages=['recover'], progress=False)")
+    proc = subprocess.run([sys.executable, "-c", code, str(single), *THREADS_RECOVER], cwd=root, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # 3. on Ray: two actors of 1 CPU each
+    on_ray = clone_run(teacher_run, tmp_path / "ray")
+    cfg = fast_config(*THREADS_RECOVER, "executor.kind=ray", "executor.num_workers=2", "executor.cpus_per_worker=1")
+    executor = RayExecutor(cfg)
+    try:
+        run_pipeline(cfg, on_ray, stages=["recover"], executor=executor, progress=False)
+    finally:
+        executor.close()
+    want = _recover_outputs(local)
+    assert len(want) == 4
+    assert _recover_outputs(single) == want
+    assert _recover_outputs(on_ray) == want

@@ -3,7 +3,8 @@
 How it works:
 
 - `workers.cluster.connect_ray` joins an existing cluster (already initialised, inside a Ray job,
-  RAY_ADDRESS, or `executor.address` = "auto" / host:port / ray://...) or starts a private local one.
+  RAY_ADDRESS, or `executor.address` = "auto" / host:port / ray://...) or starts a private local one
+  (loopback only, private auth token, stopped with the driver: see `workers.cluster`).
 - Resources are decided *before* any actor exists: GPU actors (`num_gpus=1`) only when the stage needs a
   GPU and the cluster has GPUs; otherwise CPU actors sized by `executor.cpus_per_worker`. So no actor ever
   waits for a GPU that does not exist.
@@ -38,7 +39,7 @@ from pipeline.config import Config
 from pipeline.executors import execute
 from pipeline.stages import get_stage
 from pipeline.stages.base import Outcome, RunContext, Stage, Unit
-from workers.cluster import connect_ray, describe_cluster
+from workers.cluster import connect_ray, describe_cluster, disconnect_ray
 
 JobSpec = TypeVar("JobSpec")
 
@@ -228,8 +229,7 @@ class RayExecutor:
     def close(self) -> None:
         """Kill leftover actors; shut Ray down only when this executor started the cluster."""
         self._kill_all()
-        if self._owns_cluster and ray.is_initialized():
-            ray.shutdown()
+        disconnect_ray(self._owns_cluster)  # a private cluster: stopped, with every process it started
         self._owns_cluster = False
         self._connected = False
 
@@ -379,7 +379,10 @@ class RayExecutor:
                     finish(outcome)
         finally:
             self._running = {}
-            self._kill_all(started)
+            # Idle actors close their workers; busy ones (the stage was interrupted: SIGTERM, Ctrl-C, an error
+            # in the driver) would answer only after their unit, so they are killed at once.
+            busy = {id(actor) for actor, _, _ in running.values()}
+            self._kill_all([a for a in started if id(a) not in busy])
 
 
 def _lost_outcome(unit: Unit, attempt: int, exc: BaseException, max_attempts: int) -> Outcome:

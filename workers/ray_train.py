@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import ray
 
 from pipeline.config import ExecutorConfig
-from workers.cluster import connect_ray
+from workers.cluster import connect_ray, disconnect_ray
 
 log = logging.getLogger(__name__)
 JobSpec = TypeVar("JobSpec")
@@ -114,8 +114,7 @@ def launch_ray_train(
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        if owns:
-            ray.shutdown()
+        disconnect_ray(owns)
 
 
 def launch_on_cluster(

@@ -13,7 +13,10 @@ eval       resize shorter side to int(R * 256 / 224), center crop R  resize to R
 from __future__ import annotations
 
 import io
+import logging
+import os
 import random
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,6 +26,8 @@ from pipeline.crops import RandomDraws, random_resized_crop
 
 if TYPE_CHECKING:
     from PIL import Image
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 """Extensions a shard sample's image member may have (ingest writes jpg or png; both loaders accept these)."""
@@ -35,13 +40,57 @@ SMALL_PAD = 4
 """Padding (pixels, each side) of the CIFAR-style training crop."""
 
 
+WIDE_INT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+"""PIL modes of 16-bit (and 32-bit integer) images: 16-bit grey PNG, TIFF and PGM files open in these."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB, the way ingest stores and the loaders read every image.
+
+    - 16-bit grey (I;16*, and I, which 16-bit PGM / 32-bit TIFF files open as): the top 8 bits
+      (value >> 8, after clipping I to 0..65535). PIL's own `convert` clips these to 0..255 instead, which
+      turns nearly every pixel of a 16-bit image white;
+    - every other mode as PIL (and so torchvision's `ImageFolder` loader) converts it: 1 -> 0/255, L and LA
+      replicated (alpha dropped), P and PA through the palette, RGBA / RGBX / RGBa without alpha, CMYK,
+      YCbCr, LAB and HSV by PIL's colour conversions, F (32-bit float) taken on the 0..255 scale, clipped
+      and truncated. 16-bit RGB(A) and grey+alpha PNGs open as RGB(A) / LA with their top 8 bits already.
+    """
+    if img.mode == "RGB":
+        return img
+    from PIL import Image
+
+    if img.mode in WIDE_INT_MODES:
+        wide = np.asarray(img).astype(np.int64)
+        grey = (np.clip(wide, 0, 65535) >> 8).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
+def class_folders(split_dir: str | Path) -> list[str]:
+    """The class folders of one split, sorted: torchvision's `find_classes` rule (every sub-folder, names
+    starting with a dot included; class index = position). Dot-named folders (.ipynb_checkpoints, .git...)
+    are usually not classes, so they are named in a warning (once per folder); dropping them instead would
+    shift every class index against torchvision's on the same folder ('.' sorts first)."""
+    split_dir = Path(split_dir)
+    names = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+    hidden = [n for n in names if n.startswith(".")]
+    if hidden and str(split_dir) not in _WARNED_HIDDEN:
+        _WARNED_HIDDEN.add(str(split_dir))
+        log.warning("%s: folders whose names start with a dot count as classes, as in torchvision's ImageFolder: "
+                    "%s; remove them if they are not classes", split_dir, ", ".join(hidden))
+    return names
+
+
+_WARNED_HIDDEN: set[str] = set()
+
+
 def decode_rgb_image(data: bytes) -> Image.Image:
-    """Encoded bytes -> PIL image in RGB (grey, palette, CMYK and alpha images converted)."""
+    """Encoded bytes -> PIL image in 8-bit RGB (`to_rgb`: grey, palette, CMYK, alpha and 16-bit converted)."""
     from PIL import Image
 
     img = Image.open(io.BytesIO(data))
     img.load()
-    return img if img.mode == "RGB" else img.convert("RGB")
+    return to_rgb(img)
 
 
 def decode_rgb(data: bytes, resolution: int | None = None) -> np.ndarray:

@@ -18,7 +18,7 @@ from manifests.store import atomic_write_text
 from pipeline.config import ConfigError
 from pipeline.data import demo
 from pipeline.data.classmap import REAL_DIR, class_map_path, write_class_map
-from pipeline.data.images import SOURCE_IMAGE_SUFFIXES
+from pipeline.data.images import SOURCE_IMAGE_SUFFIXES, class_folders, to_rgb
 from pipeline.data.shards import Sample, shard_name, write_shard
 from pipeline.seeding import derive_seed
 from pipeline.stages.base import RunContext, Stage, Unit, UnitResult
@@ -50,7 +50,7 @@ def scan_folder(root: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]]
         d = root / split
         if not d.is_dir():
             raise ConfigError(f"{d} is missing: the data folder needs train/<class>/* and val/<class>/*")
-        split_classes[split] = sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+        split_classes[split] = class_folders(d)  # torchvision's rule; dot-named folders get a warning
         if not split_classes[split]:
             raise ConfigError(f"{d} holds no class folders")
     if split_classes["train"] != split_classes["val"]:
@@ -130,7 +130,7 @@ def encode_checked(data: bytes, source: str) -> tuple[bytes, str]:
                 return data, "jpg"
             img = Image.open(io.BytesIO(data))
             img.load()
-            rgb = img.convert("RGB")
+            rgb = to_rgb(img)  # 16-bit images scaled to 8 bits, not clipped
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
         raise BadImage(f"{source}: {type(exc).__name__}: {exc}") from None

@@ -3,7 +3,8 @@
 This stage owns what every method shares: the units (class shard x IPC range, or whole class shards for
 methods that make a class's images together), the worker's environment (device, teacher, real-image pool),
 seeding, PNG encoding, the WebDataset outputs and the image grids. Every unit is seeded from
-(run seed, "recover", unit key), so a unit gives the same bytes on CPU whichever worker runs it.
+(run seed, "recover", unit key) and computed with `UNIT_THREADS` torch CPU threads, so a unit gives the same
+bytes on CPU whichever worker runs it (a local run, a Ray actor of any size, any OMP_NUM_THREADS).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pipeline.config import ConfigError
 from pipeline.data.shards import IndexedImages, Sample, write_shard
 from pipeline.data.synthetic import SYNTHETIC_DIR, decode_rgb, synthetic_index
 from pipeline.methods import get_method
-from pipeline.seeding import generator
+from pipeline.seeding import generator, torch_threads
 from pipeline.stages.base import RunContext, Stage, Unit, UnitResult
 from pipeline.stages.common import TEACHER, check_file, real_meta, run_teacher
 
@@ -29,6 +30,11 @@ log = logging.getLogger(__name__)
 GRID_DIR = "results/grids"
 # Inits chosen by the teacher (its predictions or its features): they load it even for methods that do not.
 TEACHER_INITS = ("real-correct", "real-herding", "real-k-center", "real-loss-score")
+UNIT_THREADS = 1
+"""Torch CPU threads of every recover unit, whatever the worker has. CPU kernels split reductions by thread
+(BatchNorm's backward is where recover's bytes first differ), so the count is part of the result: one thread
+makes it the same everywhere and never oversubscribes a CPU (units run side by side on Ray actors instead).
+GPU kernels do not depend on it."""
 
 
 def class_shards(num_classes: int, per_shard: int) -> list[tuple[int, int]]:
@@ -175,15 +181,18 @@ class RecoverWorker:
         self.ctx = ctx
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.method = get_method(ctx.config.recover.method)
-        self.env = open_env(ctx, self.device)
-        self.impl = self.method.open(self.env, method_config(ctx))
+        with torch_threads(UNIT_THREADS):  # a method may compute while it opens (e.g. cached features)
+            self.env = open_env(ctx, self.device)
+            self.impl = self.method.open(self.env, method_config(ctx))
 
     def run(self, unit: Unit) -> UnitResult:
         ctx = self.ctx
         c0, c1 = unit.payload["classes"]
         i0, i1 = unit.payload["ipc"]
         t0 = time.time()
-        out = self.impl.run(range(c0, c1), range(i0, i1), generator(ctx.config.seed, "recover", unit.key), unit.key)
+        with torch_threads(UNIT_THREADS):
+            out = self.impl.run(range(c0, c1), range(i0, i1), generator(ctx.config.seed, "recover", unit.key),
+                                unit.key)
         name = ctx.config.recover.method
         samples = [Sample(f"c{c:04d}_i{j:04d}", c, encode_png(img), "png",
                           {"class": c, "ipc_index": j, "method": name, "unit": unit.key})
