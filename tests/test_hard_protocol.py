@@ -26,8 +26,8 @@ def _sha(path: Path) -> str:
 
 
 @pytest.mark.parametrize("method, augment, strategy, epochs", [
-    ("dsa", "auto", "color_crop_cutout_flip_scale_rotate", 1000),  # DSA's own strategy, 1000 epochs
-    ("dm", "auto", "color_crop_cutout_scale_rotate", 1000),  # the method's strategy (set below: digits)
+    ("dsa", "auto", "color_crop_cutout_scale_rotate", 1000),  # DSA's own strategy (the demo's: digits), 1000 epochs
+    ("dm", "auto", "color_crop_scale", 1000),  # the method's strategy (set below)
     ("dc", "auto", "", 300),  # DC: no augmentation, 300 epochs
     ("random-real", "auto", "", 300),
     ("random-real", "dsa", "color_crop_cutout_flip_scale_rotate", 1000),
@@ -37,7 +37,7 @@ def test_hard_settings_follow_the_methods_papers(teacher_run, method, augment, s
     from pipeline.stages.train import hard_spec, student_arch
 
     cfg = fast_config(f"recover.method={method}", "train.protocol=hard", f"train.hard_augment={augment}",
-                      "recover.dm.strategy=color_crop_cutout_scale_rotate")
+                      "recover.dm.strategy=color_crop_scale")
     ctx = open_context(cfg, teacher_run)
     spec = hard_spec(ctx)
     assert (spec.dsa_strategy, spec.epochs) == (strategy, epochs)
