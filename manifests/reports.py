@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from manifests.results import COST_KEYS, LONG_COLUMNS, RunResult
+from manifests.results import COST_KEYS, LONG_COLUMNS, RunResult, mean_of
 from manifests.store import atomic_path, atomic_write_bytes, atomic_write_text
 
 ROW_KEYS = ("dataset", "teacher", "student", "protocol", "method")
@@ -96,8 +96,7 @@ def cost_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
         cells[(r["dataset"], r["method"], int(r["ipc"]))].append(r)
 
     def mean(key: str, group: list[dict[str, Any]]) -> float | None:
-        vals = [g[key] for g in group if g.get(key) is not None]
-        return statistics.fmean(vals) if vals else None
+        return mean_of([g.get(key) for g in group])
 
     if not any(mean("recover_unit_s", g) is not None for g in cells.values()):
         return []

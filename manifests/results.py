@@ -148,7 +148,8 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
     return mean, (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def _mean_of(values: list[Any]) -> float | None:
+def mean_of(values: list[Any]) -> float | None:
+    """The mean of the numbers among `values` (None and other values skipped); None when there are none."""
     present = [float(v) for v in values if isinstance(v, (int, float))]
     return statistics.fmean(present) if present else None
 
@@ -175,7 +176,7 @@ def results_table(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
             "top1_std": top1_std,
             "top5_mean": statistics.fmean(top5) if len(top5) == len(members) else None,
             "teacher_top1_mean": statistics.fmean(teacher) if teacher else None,
-            **{k: _mean_of([r.cost.get(k) for r in members]) for k in COST_KEYS},
+            **{k: mean_of([r.cost.get(k) for r in members]) for k in COST_KEYS},
             "runs": [str(r.run_dir) for r in members],
         })
     return rows

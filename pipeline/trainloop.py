@@ -221,6 +221,7 @@ def train_teacher(job: TeacherJob) -> dict[str, Any]:
     resumed_from = int(ckpt["epoch"]) + 1 if ckpt else None
     start = resumed_from or 0
     stats = _sample_stats(job, ckpt)
+    stats_seconds = 0.0
     net = wrap_ddp(model, device)
     per_rank = max(1, job.batch_size // world)
     t0 = time.time()
@@ -246,7 +247,7 @@ def train_teacher(job: TeacherJob) -> dict[str, Any]:
         ddp.all_reduce_sum(total)
         extra = {}
         if stats is not None:
-            _score_epoch(job, model, stats, rank, world, device)
+            stats_seconds += _score_epoch(job, model, stats, rank, world, device)
             extra["sample_stats"] = stats.state_dict()
         if ddp.is_rank0():
             save_checkpoint(ckpt_path, model, opt, sched, epoch, job.config_hash, **extra)
@@ -260,17 +261,13 @@ def train_teacher(job: TeacherJob) -> dict[str, Any]:
             _write_sample_stats(job, stats)
     return {"teacher_top1": metrics["top1"], "teacher_top5": metrics["top5"], "val_images": metrics["n"],
             "epochs": epochs, "resumed_from_epoch": resumed_from, "world_size": world,
-            "train_seconds": round(time.time() - t0, 2), "sample_stats_seconds": round(_STATS_SECONDS[0], 2)}
-
-
-_STATS_SECONDS = [0.0]  # this process's time in the per-sample scoring pass (reported by the squeeze record)
+            "train_seconds": round(time.time() - t0, 2), "sample_stats_seconds": round(stats_seconds, 2)}
 
 
 def _sample_stats(job: TeacherJob, ckpt: dict[str, Any] | None) -> Any:
     """The per-sample statistics accumulator: from the resumed checkpoint, fresh, or None when not recorded."""
     from pipeline.sample_stats import SampleStats
 
-    _STATS_SECONDS[0] = 0.0
     if not job.sample_stats:
         return None
     if ckpt is not None and "sample_stats" in ckpt:
@@ -278,8 +275,9 @@ def _sample_stats(job: TeacherJob, ckpt: dict[str, Any] | None) -> Any:
     return SampleStats(job.data.num_train, job.stats_window)
 
 
-def _score_epoch(job: TeacherJob, model: nn.Module, stats: Any, rank: int, world: int, device: torch.device) -> None:
-    """Score every training sample with the epoch's teacher: each rank its share of the rows, summed."""
+def _score_epoch(job: TeacherJob, model: nn.Module, stats: Any, rank: int, world: int, device: torch.device) -> float:
+    """Score every training sample with the epoch's teacher: each rank its share of the rows, summed.
+    Returns the seconds it took (the squeeze record's `sample_stats_seconds`)."""
     from pipeline.data.sharding import rank_range
     from pipeline.sample_stats import score_rows
 
@@ -292,7 +290,7 @@ def _score_epoch(job: TeacherJob, model: nn.Module, stats: Any, rank: int, world
     joined = torch.stack(parts)
     ddp.all_reduce_sum(joined)
     stats.add_epoch(joined[0] > 0.5, joined[1], joined[2])
-    _STATS_SECONDS[0] += time.time() - t0
+    return time.time() - t0
 
 
 def _write_sample_stats(job: TeacherJob, stats: Any) -> None:
