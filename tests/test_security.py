@@ -264,8 +264,9 @@ def test_a_sigkilled_driver_leaves_no_ray_process_behind(tmp_path):
         # let the per-node agents come up too: they are the ones that used to linger
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not all(
-                any(name in _cmdline(pid) for pid in _marked(driver.token))
-                for name in ("dashboard/agent.py", "runtime_env/agent/main.py")):
+                any(any(name in _cmdline(pid) for name in names) for pid in _marked(driver.token))
+                for names in (("dashboard/agent.py", "DashboardAgent"),  # the script, or its title once
+                              ("runtime_env/agent/main.py", "RuntimeEnvAgent"))):  # retitled
             time.sleep(0.5)
         before = {pid: _cmdline(pid)[:80] for pid in _marked(driver.token)}
         seconds, left = driver.gone_after(signal.SIGKILL, limit=15.0)

@@ -39,38 +39,64 @@ LOOPBACK = "127.0.0.1"
 MARKER_ENV = "DISTILL_RAY_CLUSTER"
 """Set (to a random id) in the environment of every process of a private cluster; the warden stops those."""
 
-# The warden: stdlib only, started with `python -S -c`. It waits until the driver is gone (its pid has a
-# new start time or none) or closes the pipe (a deliberate shutdown), then stops every process whose
-# environment holds the cluster's marker: SIGTERM, then SIGKILL for whatever is left. A pid's start time
+# The warden: stdlib only, started with `python -S -c`. While the driver lives it rescans /proc every
+# second and remembers the cluster's processes: those whose environment holds the cluster's marker, and
+# every descendant of one. The descendants matter: Ray's agents retitle themselves with setproctitle,
+# which can overwrite the environment /proc shows, so the marker alone misses them now and then; and once
+# the raylet is dead they are re-parented, so they must be known before. When the driver is gone (its pid
+# has a new start time or none) or closes the pipe (a deliberate shutdown), it stops every remembered
+# process still alive, plus any marked one: SIGTERM, then SIGKILL for whatever is left. A pid's start time
 # is checked before each signal, so a reused pid is never hit.
 _WARDEN = r"""
 import os, select, signal, sys, time
-marker, driver = sys.argv[1].encode(), int(sys.argv[2])
-def started(pid):
+marker, driver, me = sys.argv[1].encode(), int(sys.argv[2]), os.getpid()
+def stat(pid):
     try:
         s = open("/proc/%d/stat" % pid, "rb").read()
     except OSError:
-        return None
+        return None, None
     fields = s[s.rindex(b")") + 2:].split()
-    return None if fields[0] == b"Z" else fields[19]
-def marked():
-    out = {}
+    return (None if fields[0] == b"Z" else fields[19]), int(fields[1])
+def started(pid):
+    return stat(pid)[0]
+has_marker = {}
+def holds_marker(pid, t):
+    if (pid, t) not in has_marker:
+        try:
+            has_marker[(pid, t)] = marker in open("/proc/%d/environ" % pid, "rb").read()
+        except OSError:
+            has_marker[(pid, t)] = False
+    return has_marker[(pid, t)]
+known = {}
+def scan():
+    procs = {}
     for e in os.listdir("/proc"):
-        if e.isdigit() and int(e) not in (os.getpid(), driver):
-            try:
-                if marker in open("/proc/%s/environ" % e, "rb").read():
-                    out[int(e)] = started(int(e))
-            except OSError:
-                pass
-    return out
+        if e.isdigit() and int(e) not in (me, driver):
+            t, parent = stat(int(e))
+            if t is not None:
+                procs[int(e)] = (t, parent)
+    for pid, t in list(known.items()):
+        if procs.get(pid, (None,))[0] != t:
+            del known[pid]
+    grew = True
+    while grew:
+        grew = False
+        for pid, (t, parent) in procs.items():
+            if pid not in known and (parent in known or holds_marker(pid, t)):
+                known[pid] = t
+                grew = True
+    return dict(known)
 signal.signal(signal.SIGINT, signal.SIG_IGN)
-born = started(driver)
+born, last = started(driver), 0.0
 while born is not None and started(driver) == born:
+    if time.monotonic() - last >= 1.0:
+        scan()
+        last = time.monotonic()
     ready = select.select([0], [], [], 0.25)[0]
     if ready and not os.read(0, 4096):
         break
 for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0), (signal.SIGKILL, 1.0)):
-    victims = {p: t for p, t in marked().items() if t is not None}
+    victims = scan()
     if not victims:
         break
     for pid, t in victims.items():
@@ -83,7 +109,6 @@ for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0), (signal.SIGKILL
     while time.monotonic() < end and any(started(p) == t for p, t in victims.items()):
         time.sleep(0.05)
 """
-
 
 @dataclass
 class _Private:
