@@ -41,7 +41,8 @@ def main() -> None:
                 extra = [f"--set={x}" for x in a.extra]
                 distill("run", "--recipe", "demo", "--run-dir", str(out / f"{method}-ipc{ipc}-s{seed}"), "--no-progress",
                         f"--set=seed={seed}", f"--set=recover.ipc={ipc}", f"--set=recover.method={method}",
-                        f"--set=squeeze.weights={teacher}", *extra)
+                        f"--set=squeeze.weights={teacher}", "--set=eval.protocols=[]", "--set=eval.baselines=[]",
+                        *extra)  # the grid has its own random-real column; one kd student per run
                 print(f"done {method} ipc {ipc} seed {seed} in {time.time() - t0:.0f}s", flush=True)
     subprocess.run([sys.executable, "-m", "workers.cli", "collect", str(out), "--out", str(out / "results.md")])
 

@@ -32,7 +32,8 @@ METHODS = ("random-real", "herding", "k-center", "forgetting", "loss-score", "sr
 PAPER = {"random-real": ("64.9 +- 3.5", "95.1 +- 0.9"), "herding": ("89.2 +- 1.6", "93.7 +- 0.3"),
          "forgetting": ("35.5 +- 5.6", "68.1 +- 3.3"), "dc": ("91.7 +- 0.5", "97.4 +- 0.2"),
          "dsa": ("88.7 +- 0.6", "97.8 +- 0.1")}
-COMMON = ["executor.kind=local", "data.num_workers=0"]
+# one hard student per run; the table has its own random-real rows (no in-run baselines, no kd cell)
+COMMON = ["executor.kind=local", "data.num_workers=0", "eval.protocols=[]", "eval.baselines=[]"]
 
 
 def teacher(work: Path, seed: int) -> Path:

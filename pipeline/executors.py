@@ -46,11 +46,17 @@ class Executor(Protocol):
 
 def execute(worker: UnitWorker, unit: Unit, attempt: int = 1) -> Outcome:
     """Run one unit and capture its result or its traceback."""
+    from pipeline.cost import start_unit, unit_usage
+
     started = time.time()
     host = socket.gethostname()
     try:
+        start_unit()
         result = worker.run(unit)
-        return Outcome(unit, result, attempt=attempt, started=started, ended=time.time(), host=host)
+        ended = time.time()
+        if result is not None:  # the cost keys of every record (pipeline.cost)
+            result.metrics = {**result.metrics, **unit_usage(ended - started, result.metrics)}
+        return Outcome(unit, result, attempt=attempt, started=started, ended=ended, host=host)
     except Exception as exc:  # noqa: BLE001 - the traceback goes into the failure record
         from pipeline.config import ConfigError
 

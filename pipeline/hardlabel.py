@@ -33,7 +33,7 @@ from pipeline import ddp
 from pipeline.models import build_model
 from pipeline.seeding import derive_seed, generator
 from pipeline.synthesis import normalize
-from pipeline.trainloop import evaluate, resume, save_atomic, save_checkpoint, val_loader
+from pipeline.trainloop import resume, save_atomic, save_checkpoint
 
 if TYPE_CHECKING:
     from pipeline.student import StudentJob
@@ -110,7 +110,9 @@ def train_hard(job: StudentJob) -> dict[str, Any]:
     device = ddp.device_for_rank()
     raw, labels = load_images(Path(job.synthetic_dir), _index(job), None)
     x_all = normalize(raw.float().div_(255.0), job.data.mean, job.data.std)
-    n, seed = len(x_all), job.data.seed
+    from pipeline.student import cell_seed, score_holdout
+
+    n, seed = len(x_all), cell_seed(job.data.seed, job.student_seed)  # init, order and DSA draws
     torch.manual_seed(derive_seed(seed, "train", "init"))
     model = build_model(spec.arch, job.data.num_classes, job.data.resolution).to(device)
     opt, sched = make_optimizer(model, spec)
@@ -123,9 +125,8 @@ def train_hard(job: StudentJob) -> dict[str, Any]:
     for epoch in range(start, spec.epochs):
         total = train_epoch(model, opt, x_all, labels, spec, seed, epoch, device)
         sched.step()
-        if every and (epoch + 1) % every == 0 and epoch + 1 < spec.epochs:
-            m = evaluate(model, val_loader(job.data, 0, 1, device), device)
-            history.append({"epoch": epoch + 1, "top1": m["top1"], "top5": m["top5"]})
+        if every and ((epoch + 1) % every == 0 or epoch + 1 == spec.epochs):
+            score_holdout(model, job, epoch, history, device)
         if (epoch + 1) % max(1, spec.epochs // 50) == 0 or epoch + 1 == spec.epochs:
             save_checkpoint(ckpt_path, model, opt, sched, epoch, job.config_hash, history=history)
         if (epoch + 1) % max(1, spec.epochs // 10) == 0 or epoch + 1 == spec.epochs:
@@ -133,4 +134,5 @@ def train_hard(job: StudentJob) -> dict[str, Any]:
                      float(total[0] / max(1.0, float(total[1]))), time.time() - t0)
     save_atomic(model.state_dict(), Path(job.output))
     return {"epochs": spec.epochs, "num_images": n, "history": history, "resumed_from_epoch": resumed_from,
-            "world_size": 1, "train_seconds": round(time.time() - t0, 2), "protocol": "hard"}
+            "world_size": 1, "train_seconds": round(time.time() - t0, 2), "protocol": "hard",
+            "peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None}

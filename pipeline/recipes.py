@@ -83,6 +83,11 @@ def _demo() -> Config:
     t.arch, t.epochs, t.batch_size, t.temperature = "convnet", 300, 64, 20.0
     t.mix, t.mix_alpha = "cutmix", 1.0
     cfg.eval.every = 0
+    # the matrix a user should see first: both protocols, against random real images and all real images
+    cfg.eval.protocols = ["kd", "hard"]
+    # the full-real reference: 20 epochs over the ~1370 training images is about the image-steps of the 300-epoch
+    # students of 100 images (the hard protocol's 300 epochs over all of them would take ~20 min on 2 CPU cores)
+    cfg.eval.full_real_epochs = 20
     return cfg
 
 
@@ -108,6 +113,8 @@ def _imagenet(method: str, ipc: int) -> Callable[[], Config]:
         t.optimizer, t.lr, t.weight_decay, t.decay_1d = "adamw", 1e-3, 0.01, False
         t.mix, t.mix_alpha = "cutmix", 1.0
         cfg.eval.every = 50
+        # the full-real reference holds the train split in memory (pipeline.baselines): not at ImageNet scale
+        cfg.eval.baselines = ["random-real"]
         return cfg
 
     _describe(make, f"ImageNet-1K, ResNet-18 teacher (torchvision weights) and student, {method} IPC {ipc}, 224 px.",

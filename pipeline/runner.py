@@ -140,7 +140,7 @@ def _clear(ctx: RunContext, stage: Stage, resume: bool = False) -> None:
     ctx.store.clear(stage.name)
     for d in stage.output_dirs:
         shutil.rmtree(ctx.path(d), ignore_errors=True)
-    for f in stage.resume_files() if resume else ():
+    for f in stage.resume_files(ctx) if resume else ():
         ctx.path(f).unlink(missing_ok=True)
 
 
@@ -203,7 +203,7 @@ def _refresh(ctx: RunContext, stage: Stage, graph: StageGraph, checked: Checked)
         log.warning("stage %s unit %s: %s: the record is discarded and %s", stage.name, rec.unit, "; ".join(wrong),
                     what)
         ctx.store.discard(stage.name, rec.unit)
-        for f in stage.resume_files() if stale else ():  # a job must not resume from work on other inputs
+        for f in stage.resume_files(ctx) if stale else ():  # a job must not resume from work on other inputs
             ctx.path(f).unlink(missing_ok=True)
 
 
@@ -301,7 +301,7 @@ def run_stage(ctx: RunContext, stage: Stage | str, executor: Executor, progress:
                 log.error("stage %s unit %s: its failure record could not be written: %s", name, rec.unit, exc)
 
         try:
-            if stage.distributed:
+            if stage.is_distributed(ctx):
                 executor.run_units(stage, ctx, pending, on_outcome)
             else:  # a driver-side job is run once: it resumes from its own checkpoints when run again
                 LocalExecutor(max_attempts=1).run_units(stage, ctx, pending, on_outcome)

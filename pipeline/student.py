@@ -26,6 +26,7 @@ from torch import nn
 from pipeline import ddp, trainloop
 from pipeline.augment import ViewConfig, draw_views, render_batch
 from pipeline.hardlabel import HardSpec
+from pipeline.holdout import HoldoutSpec
 from pipeline.models import build_model
 from pipeline.optim import cosine_schedule, make_optimizer
 from pipeline.seeding import derive_seed, generator
@@ -34,12 +35,10 @@ from pipeline.synthesis import IMAGENET_MEAN, IMAGENET_STD, normalize
 from pipeline.trainloop import (
     DataSpec,
     autocast,
-    evaluate,
     resume,
     save_atomic,
     save_checkpoint,
     sync_buffers,
-    val_loader,
     wrap_ddp,
 )
 
@@ -77,6 +76,30 @@ class StudentJob:
     config_hash: str  # the train stage's config hash: a checkpoint with another one is not resumed
     protocol: str = "kd"  # kd (this module) | hard (`pipeline.hardlabel.train_hard`, with `hard`)
     hard: HardSpec | None = None  # the hard-label protocol's settings (protocol "hard")
+    student_seed: int = 0  # the matrix cell's student seed (`cell_seed`); the views stay the run seed's
+    holdout: HoldoutSpec | None = None  # the holdout slice scored every `eval_every` epochs (never val)
+    best_output: str = ""  # where the weights of the epoch best on the holdout go ('' = not kept)
+
+
+def cell_seed(run_seed: int, student_seed: int) -> int:
+    """The seed of a matrix cell's model init and batch order: the run seed itself for student seed 0 (the student
+    of a run without a matrix), else one derived from (run seed, "student", s)."""
+    return run_seed if student_seed == 0 else derive_seed(run_seed, "student", student_seed)
+
+
+def score_holdout(model: nn.Module, job: StudentJob, epoch: int, history: list[dict[str, Any]],
+                  device: torch.device) -> None:
+    """After `epoch` (0-based): the holdout top-1 into `history`; with `best_output`, the weights of the best epoch
+    so far (the first of ties) written there. Val is never looked at during training."""
+    from pipeline.holdout import holdout_top1
+
+    if job.holdout is None:
+        return
+    top1 = holdout_top1(model, job.holdout, job.data.resolution, job.data.mean, job.data.std, device)
+    best = max((h["holdout_top1"] for h in history if h.get("holdout_top1") is not None), default=None)
+    history.append({"epoch": epoch + 1, "holdout_top1": top1})
+    if job.best_output and top1 is not None and (best is None or top1 > best):
+        save_atomic(model.state_dict(), Path(job.best_output))
 
 
 def epoch_batches(num_images: int, global_batch: int, world: int, rank: int, seed: int, epoch: int) -> list[list[int]]:
@@ -134,8 +157,9 @@ def train_student(job: StudentJob) -> dict[str, Any]:
     device = ddp.device_for_rank()
     images, _ = load_images(Path(job.synthetic_dir), _index(job), None)
     seed, n, num_classes, temp = job.data.seed, len(images), job.data.num_classes, job.temperature
+    own = cell_seed(seed, job.student_seed)  # init and order; the views (and soft labels) keep the run seed
     cfg = job.views
-    torch.manual_seed(derive_seed(seed, "train", "init"))
+    torch.manual_seed(derive_seed(own, "train", "init"))
     model = build_model(job.arch, num_classes, job.data.resolution).to(device)
     opt = make_optimizer(model, lr=job.lr, weight_decay=job.weight_decay, name=job.optimizer, decay_1d=job.decay_1d)
     sched = cosine_schedule(opt, job.epochs, warmup_epochs=job.warmup_epochs)
@@ -152,7 +176,7 @@ def train_student(job: StudentJob) -> dict[str, Any]:
     every = job.eval_every
     for epoch in range(start, job.epochs):
         net.train()
-        batches = epoch_batches(n, job.batch_size, world, rank, seed, epoch)
+        batches = epoch_batches(n, job.batch_size, world, rank, own, epoch)
         data = ViewBatches(images, batches, seed, epoch, cfg, job.data.mean, job.data.std)
         loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=job.view_workers,
                                              persistent_workers=False)
@@ -175,9 +199,8 @@ def train_student(job: StudentJob) -> dict[str, Any]:
             total[1] += len(ids)
         sched.step()
         sync_buffers(model)
-        if every and (epoch + 1) % every == 0 and epoch + 1 < job.epochs:
-            m = evaluate(net, val_loader(job.data, rank, world, device), device, job.amp)
-            history.append({"epoch": epoch + 1, "top1": m["top1"], "top5": m["top5"]})
+        if every and ((epoch + 1) % every == 0 or epoch + 1 == job.epochs) and ddp.is_rank0():
+            score_holdout(model, job, epoch, history, device)
         ddp.all_reduce_sum(total)
         if ddp.is_rank0():
             save_checkpoint(ckpt_path, model, opt, sched, epoch, job.config_hash, history=history)
@@ -188,7 +211,8 @@ def train_student(job: StudentJob) -> dict[str, Any]:
     if ddp.is_rank0():
         save_atomic(model.state_dict(), Path(job.output))
     return {"epochs": job.epochs, "num_images": n, "history": history, "resumed_from_epoch": resumed_from,
-            "world_size": world, "train_seconds": round(time.time() - t0, 2)}
+            "world_size": world, "train_seconds": round(time.time() - t0, 2),
+            "peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None}
 
 
 def _soft_labels(job: StudentJob, num_images: int, device: torch.device) -> SoftLabelTable:

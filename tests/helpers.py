@@ -39,7 +39,7 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 6, size: in
 FAST = [
     "squeeze.epochs=1", "recover.dwa.iterations=4", "recover.sre2l.iterations=4", "recover.ipc=2", "recover.ipc_per_unit=1",
     "recover.classes_per_shard=5", "train.epochs=2", "train.batch_size=8", "relabel.images_per_unit=10",
-    "data.num_workers=0", "executor.kind=local",
+    "data.num_workers=0", "executor.kind=local", "eval.baselines=[]", "eval.protocols=[]",
 ]
 
 

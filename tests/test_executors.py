@@ -140,7 +140,10 @@ def test_a_driver_side_stage_launches_its_job_through_the_callers_executor(tmp_p
     ctx = run_pipeline(Config(), tmp_path / "run", executor=executor, progress=False,
                        graph=StageGraph.of([JobStage()]))
     assert executor.jobs == [(EchoJob(7), 1)]
-    assert ctx.store.load("job", "job").metrics == {"value": 7, "rank": 0, "world": 1}
+    metrics = ctx.store.load("job", "job").metrics
+    assert {k: metrics[k] for k in ("value", "rank", "world")} == {"value": 7, "rank": 0, "world": 1}
+    # every record carries the unit's cost (pipeline.cost)
+    assert metrics["device"] == "cpu" and metrics["wall_s"] >= 0 and metrics["peak_memory_bytes"] > 0
     # outside the runner (no executor in the context) a job runs on the local launcher
     assert launch(_ctx(tmp_path), echo_job, EchoJob(3), 1) == {"value": 3, "rank": 0, "world": 1}
 

@@ -34,7 +34,8 @@ def _sha(path: Path) -> str:
     ("dsa", "none", "", 300),
 ])
 def test_hard_settings_follow_the_methods_papers(teacher_run, method, augment, strategy, epochs):
-    from pipeline.stages.train import hard_spec, student_arch
+    from pipeline.stages.common import matrix
+    from pipeline.stages.train import hard_spec
 
     cfg = fast_config(f"recover.method={method}", "train.protocol=hard", f"train.hard_augment={augment}",
                       "recover.dm.strategy=color_crop_scale")
@@ -43,7 +44,7 @@ def test_hard_settings_follow_the_methods_papers(teacher_run, method, augment, s
     assert (spec.dsa_strategy, spec.epochs) == (strategy, epochs)
     assert (spec.arch, spec.batch_size, spec.lr, spec.momentum, spec.weight_decay) == ("convnet-in", 256, 0.01, 0.9,
                                                                                        5e-4)
-    assert student_arch(ctx) == "convnet-in"
+    assert matrix(ctx.config)[0].student == "convnet-in"
 
 
 def test_epoch_order_covers_each_image_once_and_lr_drops_at_half():
@@ -59,7 +60,7 @@ def test_hard_protocol_runs_end_to_end_without_relabel_and_twice_the_same(teache
     for name in ("a", "b"):
         run_dir = clone_run(teacher_run, tmp_path / name)
         run_pipeline(fast_config(*sets), run_dir, progress=False)
-        shas.append(_sha(run_dir / "checkpoints" / "student.pt"))
+        shas.append(_sha(run_dir / "checkpoints" / "students" / "hard-convnet-in-s0.pt"))
         store = ManifestStore(run_dir)
         assert store.records("relabel") == []  # no soft labels under hard
         assert not list((run_dir / "soft_labels").glob("*.parquet")) if (run_dir / "soft_labels").exists() else True
@@ -69,7 +70,7 @@ def test_hard_protocol_runs_end_to_end_without_relabel_and_twice_the_same(teache
         assert proto["name"] == "hard" and proto["loss"] == "cross-entropy on hard labels"
         assert proto["epochs"] == 30 and proto["augmentation"].startswith("DSA color_crop_cutout_flip_scale_rotate")
         assert summary["top1"] > 30.0  # 20 real digits, 30 epochs: well above the 10 % of chance
-        assert store.load("train", "job").metrics["protocol"] == "hard"
+        assert store.load("train", "hard-convnet-in-s0").metrics["protocol"] == "hard"
     assert shas[0] == shas[1]
     kd = compute_hashes(fast_config("recover.method=random-real"))
     hard = compute_hashes(fast_config(*sets))
@@ -86,13 +87,13 @@ def test_hard_training_killed_mid_run_resumes_to_the_same_bytes(teacher_run, tmp
     run_dir = clone_run(teacher_run, tmp_path / "killed")
     cfg = fast_config(*sets)
     train_hash = compute_hashes(cfg)["train"]
-    ckpt = run_dir / "checkpoints" / "train-last.pt"
+    ckpt = run_dir / "checkpoints" / "train-hard-convnet-in-s0-last.pt"
     killed_at = _kill_at_epoch(_cli(run_dir, "recover,relabel,train", *sets), ckpt, train_hash, 20,
                                tmp_path / "first.log")
     assert killed_at < 199
     subprocess.run(_cli(run_dir, "recover,relabel,train", *sets), cwd=ROOT, env=env, check=True, capture_output=True)
-    rec = ManifestStore(run_dir).load("train", "job")
+    rec = ManifestStore(run_dir).load("train", "hard-convnet-in-s0")
     assert rec.metrics["resumed_from_epoch"] == killed_at + 1
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["epoch"] == 199
-    assert _sha(run_dir / "checkpoints" / "student.pt") == _sha(clean / "checkpoints" / "student.pt")
+    assert _sha(run_dir / "checkpoints" / "students" / "hard-convnet-in-s0.pt") == _sha(clean / "checkpoints" / "students" / "hard-convnet-in-s0.pt")

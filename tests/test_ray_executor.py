@@ -99,6 +99,13 @@ def test_plan_actors_decides_before_creating():
     assert plan_actors(TOY, cfg, 10, {"CPU": 16.0, "GPU": 4.0}).kind == "CPU"  # stage needs no GPU
     wide = load_config("demo", overrides=["executor.cpus_per_worker=2", "executor.num_workers=5"])
     assert plan_actors(TOY, wide, 10, {"CPU": 4.0}).count == 2  # capped to what fits
+    # the train stage's students share GPUs: eval.gpus_per_student=0.25 puts four on each of 2 GPUs
+    from pipeline.stages import get_stage
+
+    shared = load_config("demo", overrides=["eval.gpus_per_student=0.25", "executor.cpus_per_worker=1"])
+    plan = plan_actors(get_stage("train"), shared, 12, {"CPU": 16.0, "GPU": 2.0})
+    assert (plan.kind, plan.count, plan.num_gpus) == ("GPU", 8, 0.25)
+    assert plan_actors(get_stage("train"), shared, 3, {"CPU": 16.0, "GPU": 2.0}).count == 3
 
 
 def test_stage_ref_round_trip():

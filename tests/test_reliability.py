@@ -64,8 +64,8 @@ def test_records_list_their_inputs_with_hashes(full_run: Path) -> None:
         assert teacher in rec.inputs and {i.uri for i in rec.inputs} >= {"real/classes.json", "real/source.json"}
     for rec in store.records("relabel"):
         assert teacher in rec.inputs and shards <= set(rec.inputs)
-    assert soft and soft <= set(store.load("train", "job").inputs)
-    student = store.load("train", "job").outputs[0]
+    assert soft and soft <= set(store.load("train", "kd-convnet-s0").inputs)
+    student = store.load("train", "kd-convnet-s0").outputs[0]
     assert student in store.load("evaluate", "job").inputs
 
 
@@ -349,5 +349,5 @@ def test_a_teacher_file_that_is_not_a_state_dict_is_a_usage_error(kind: str, tea
 
 def test_a_record_lists_the_file_it_read_as_json(full_run: Path) -> None:
     raw = json.loads((full_run / "manifests" / "evaluate" / "job.json").read_text())
-    assert any(i["uri"] == "checkpoints/student.pt" and len(i["sha256"]) == 64 and i["bytes"] > 0
+    assert any(i["uri"] == "checkpoints/students/kd-convnet-s0.pt" and len(i["sha256"]) == 64 and i["bytes"] > 0
                for i in raw["inputs"])

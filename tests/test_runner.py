@@ -116,11 +116,19 @@ def test_the_hash_chain_carries_upstream_changes_downstream() -> None:
     before = compute_hashes(cfg)
     cfg.recover.ipc += 1
     after = compute_hashes(cfg)
-    assert [s for s in stage_order() if before[s] != after[s]] == ["recover", "relabel", "train", "evaluate"]
+    assert [s for s in stage_order() if before[s] != after[s]] == ["recover", "relabel", "train", "baseline",
+                                                                    "evaluate"]  # the baselines at the same IPC
+    # a method's own settings leave the baselines alone; the baselines list leaves the students alone
+    cfg.recover.dwa.iterations += 1
+    again = compute_hashes(cfg)
+    assert [s for s in stage_order() if after[s] != again[s]] == ["recover", "relabel", "train", "evaluate"]
+    cfg.eval.baselines = []
+    last = compute_hashes(cfg)
+    assert [s for s in stage_order() if again[s] != last[s]] == ["baseline", "evaluate"]
 
 
 def test_stage_order_is_derived_from_depends_on() -> None:
-    assert stage_order() == ("ingest", "squeeze", "recover", "relabel", "train", "evaluate")
+    assert stage_order() == ("ingest", "squeeze", "recover", "relabel", "train", "baseline", "evaluate")
     assert GRAPH.names == ("up", "down")
     assert GRAPH.select(["down", "up"]) == ["up", "down"] and GRAPH.select(None) == ["up", "down"]
     with pytest.raises(ConfigError, match="unknown stage.*sideways.*stages are up, down"):

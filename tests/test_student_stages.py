@@ -129,7 +129,7 @@ def test_stored_and_online_relabel_give_the_same_targets(relabeled_run: Path) ->
             logits = teacher(render_views(images, ids, seed, epoch, cfg)).float()
         online = full_target(logits, temp)  # what online mode trains on
         stored = table.targets(epoch, ids)  # what stored mode trains on
-        torch.testing.assert_close(stored, online, atol=1e-6, rtol=0)
+        torch.testing.assert_close(stored, online, atol=1e-5, rtol=0)  # fp16 logits: ~1e-6 at T 20
         # at T = 1, where differences are not flattened (k = C: no log_z needed)
         idx, vals, _ = table.lookup(epoch, ids)
         torch.testing.assert_close(teacher_probs(idx, vals, c, 1.0), full_target(logits, 1.0), atol=1e-4, rtol=0)
@@ -246,20 +246,20 @@ def test_train_killed_mid_run_resumes_from_its_last_epoch(relabeled_run: Path, t
     run_dir = clone_run(relabeled_run, tmp_path / "run")
     sets = (TOPK, "train.epochs=12")
     train_hash = compute_hashes(fast_config(*sets))["train"]
-    ckpt = run_dir / "checkpoints" / "train-last.pt"
+    ckpt = run_dir / "checkpoints" / "train-kd-convnet-s0-last.pt"
     # --fresh: train.epochs changes the relabel hash; the rerun must not need it (same hashes)
     killed_at = _kill_at_epoch(_cli(run_dir, "recover,relabel,train", *sets, fresh=True), ckpt, train_hash, 1,
                                tmp_path / "first.log")
     assert killed_at < 11
     store = open_context(fast_config(*sets), run_dir).store
-    assert store.load("train", "job") is None
+    assert store.load("train", "kd-convnet-s0") is None
     assert _cli_in_process(_cli(run_dir, "recover,relabel,train", *sets)) == 0
-    rec = store.load("train", "job")
+    rec = store.load("train", "kd-convnet-s0")
     assert rec is not None and rec.status == "done" and rec.config_hash == train_hash
     assert rec.metrics["resumed_from_epoch"] == killed_at + 1 >= 2
     assert rec.metrics["epochs"] == 12
     assert _epoch_of(ckpt, train_hash) == 11
-    assert (run_dir / "checkpoints" / "student.pt").is_file()
+    assert (run_dir / "checkpoints" / "students" / "kd-convnet-s0.pt").is_file()
 
 
 def test_squeeze_killed_mid_run_resumes_from_its_last_epoch(tmp_path: Path) -> None:
@@ -348,7 +348,8 @@ def test_torchvision_weights_missing_from_cache_fail_without_network(teacher_run
 
 
 SUMMARY_FIELDS = ("method", "ipc", "num_classes", "num_images", "teacher", "student", "teacher_top1", "top1", "top5",
-                  "best_top1", "epochs", "relabel_mode", "seed", "wall_s", "protocol")
+                  "holdout_top1", "epochs", "relabel_mode", "seed", "wall_s", "protocol", "cells", "baselines",
+                  "fairness", "cost")
 
 
 def test_full_fast_pipeline_summary_and_online_mode(relabeled_run: Path, tmp_path: Path) -> None:
@@ -363,9 +364,11 @@ def test_full_fast_pipeline_summary_and_online_mode(relabeled_run: Path, tmp_pat
     assert summary["teacher"] == summary["student"] == "convnet"
     assert summary["teacher_top1"] == ctx.store.load("squeeze", "train").metrics["teacher_top1"]
     assert 0.0 <= summary["top1"] <= summary["top5"] <= 100.0
-    assert summary["best_top1"] >= summary["top1"]
+    assert [(c["protocol"], c["student"], c["seed"]) for c in summary["cells"]] == [("kd", "convnet", 0)]
+    assert summary["cells"][0]["top1"] == summary["top1"] and 0.0 <= summary["holdout_top1"] <= 100.0
+    assert summary["baselines"] == {} and summary["cost"]["device"] == "cpu" and summary["cost"]["device_hours"] > 0
     assert summary["epochs"] == 2 and summary["relabel_mode"] == "stored" and summary["seed"] == cfg.seed
-    stages = ("ingest", "squeeze", "recover", "relabel", "train", "evaluate")
+    stages = ("ingest", "squeeze", "recover", "relabel", "train", "baseline", "evaluate")
     assert set(summary["wall_s"]) == set(stages)
     assert all(isinstance(summary["wall_s"][s], (int, float)) and summary["wall_s"][s] >= 0 for s in stages)
     assert summary["protocol"]["epochs"] == 2 and summary["protocol"]["relabel_mode"] == "stored"
@@ -376,15 +379,15 @@ def test_full_fast_pipeline_summary_and_online_mode(relabeled_run: Path, tmp_pat
 
     online_dir = clone_run(run_dir, tmp_path / "online")
     online_cfg = fast_config(TOPK, "relabel.mode=online")
-    before = (online_dir / "checkpoints" / "student.pt").stat().st_mtime_ns
+    before = (online_dir / "checkpoints" / "students" / "kd-convnet-s0.pt").stat().st_mtime_ns
     octx = run_pipeline(online_cfg, online_dir, fresh=True, progress=False)
     soft = online_dir / "soft_labels"
     assert not soft.exists() or not any(soft.iterdir())
     orel = octx.store.load("relabel", "_stage").metrics
     assert orel["units"] == 0 and orel["soft_label_bytes"] == 0 and orel["mode"] == "online"
-    train = octx.store.load("train", "job")
+    train = octx.store.load("train", "kd-convnet-s0")
     assert train is not None and train.config_hash == octx.hashes["train"] and train.metrics["epochs"] == 2
-    assert (online_dir / "checkpoints" / "student.pt").stat().st_mtime_ns != before
+    assert (online_dir / "checkpoints" / "students" / "kd-convnet-s0.pt").stat().st_mtime_ns != before
     osummary = json.loads((online_dir / "results" / "summary.json").read_text())
     assert osummary["relabel_mode"] == "online" and 0.0 <= osummary["top1"] <= 100.0
 

@@ -5,8 +5,9 @@ How it works:
 - `workers.cluster.connect_ray` joins an existing cluster (already initialised, inside a Ray job,
   RAY_ADDRESS, or `executor.address` = "auto" / host:port / ray://...) or starts a private local one
   (loopback only, private auth token, stopped with the driver: see `workers.cluster`).
-- Resources are decided *before* any actor exists: GPU actors (`num_gpus=1`) only when the stage needs a
-  GPU and the cluster has GPUs; otherwise CPU actors sized by `executor.cpus_per_worker`. So no actor ever
+- Resources are decided *before* any actor exists: GPU actors (`num_gpus=1`, or the stage's
+  `gpus_per_actor` share: the train stage's `eval.gpus_per_student`) only when the stage needs a GPU and
+  the cluster has GPUs; otherwise CPU actors sized by `executor.cpus_per_worker`. So no actor ever
   waits for a GPU that does not exist.
 - Actors are plain `UnitActor` objects wrapped with `ray.remote(...).options(...)` at submit time. A unit
   goes only to an actor that has started (answered `ready`), one unit in flight per actor.
@@ -112,11 +113,15 @@ def resolve_stage(ref: StageRef) -> Stage:
 class UnitActor:
     """Runs the units of one stage in its own process. Wrapped with `ray.remote` at submit time."""
 
-    def __init__(self, ref: StageRef, ctx: RunContext, threads: int) -> None:
+    def __init__(self, ref: StageRef, ctx: RunContext, threads: int, gpu_share: float = 0.0) -> None:
         self._ref = ref
         self._ctx = ctx
         self._worker: Any = None
         self._threads = max(1, int(threads))
+        if 0 < gpu_share < 1:  # a student sharing a GPU is charged its share of it (pipeline.cost)
+            from pipeline.cost import GPU_SHARE_ENV
+
+            os.environ[GPU_SHARE_ENV] = str(gpu_share)
         try:
             import torch
 
@@ -182,11 +187,13 @@ def plan_actors(stage: Stage, cfg: Config, num_units: int, cluster: dict[str, fl
     node_cpus = cpus if max_node_cpus is None else max_node_cpus
     units = max(1, num_units)
     if stage.needs_gpu and gpus > 0:
-        count = min(gpus, rc.num_workers or gpus, units)
+        share = min(1.0, float(stage.gpus_per_actor(cfg)))  # a fraction: that many actors share each GPU
+        slots = int(gpus / share + 1e-9)
+        count = min(slots, rc.num_workers or slots, units)
         per = float(rc.cpus_per_worker)
         if count * per > cpus or per > node_cpus:
             per = float(int(cpus // count)) if cpus >= count else 0.0
-        return ActorPlan(count=count, num_cpus=per, num_gpus=1, threads=max(1, int(per or 1)))
+        return ActorPlan(count=count, num_cpus=per, num_gpus=share, threads=max(1, int(per or 1)))
     per = float(rc.cpus_per_worker)
     if node_cpus and per > node_cpus:
         log.warning("executor.cpus_per_worker=%d exceeds the largest node (%g CPUs); using %g",
@@ -255,7 +262,7 @@ class RayExecutor:
             self._actor_class = ray.remote(UnitActor)
         handle = self._actor_class.options(
             num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_restarts=0, max_task_retries=0,
-        ).remote(ref, ctx_ref, plan.threads)
+        ).remote(ref, ctx_ref, plan.threads, plan.num_gpus)
         self._actors.append(handle)
         return handle
 

@@ -39,18 +39,23 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.protocol": ("kd", "hard"),
     "train.hard_augment": ("auto", "dsa", "none"),
     "executor.kind": ("auto", "local", "ray"),
+    "eval.select": ("final", "best-holdout"),
+}
+_LIST_CHOICES: dict[str, tuple[str, ...]] = {
+    "eval.protocols": ("kd", "hard"),
+    "eval.baselines": ("random-real", "full-real"),
 }
 _POSITIVE = (
     "data.resolution", "data.shard_size", "squeeze.epochs", "squeeze.batch_size", "recover.ipc",
     "recover.ipc_per_unit",
     "executor.max_attempts", "executor.cpus_per_worker", "relabel.images_per_unit", "relabel.batch_size",
-    "train.epochs", "train.batch_size", "eval.batch_size",
+    "train.epochs", "train.batch_size", "eval.batch_size", "eval.seeds", "eval.gpus_per_student",
     "squeeze.lr", "squeeze.stats_window", "train.lr", "train.temperature", "train.mix_alpha", "train.hard_batch_size", "train.hard_lr",
 )
 # Counts where 0 has a meaning ("auto", "all", "never") but a negative value has none.
 _NON_NEGATIVE = (
     "squeeze.weight_decay", "train.weight_decay", "train.hard_weight_decay", "train.hard_epochs",
-    "recover.classes_per_shard", "relabel.top_k", "eval.every",
+    "recover.classes_per_shard", "relabel.top_k", "eval.every", "eval.full_real_epochs",
     "data.num_workers", "squeeze.workers", "train.workers", "executor.num_workers", "executor.num_cpus",
 )
 
@@ -238,6 +243,19 @@ def validate(cfg: Config) -> Config:
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
             raise ConfigError(f"config key '{dotted}': '{value}' is not one of {', '.join(choices)}")
+    for dotted, choices in _LIST_CHOICES.items():
+        section, key = dotted.split(".")
+        values = getattr(getattr(cfg, section), key)
+        bad = [v for v in values if v not in choices]
+        if bad or len(set(values)) != len(values):
+            raise ConfigError(f"config key '{dotted}': {values} must be distinct values of {', '.join(choices)}")
+    if not 0.0 <= cfg.eval.holdout_fraction < 0.5:
+        raise ConfigError(f"config key 'eval.holdout_fraction' must be in [0, 0.5), got {cfg.eval.holdout_fraction}")
+    if cfg.eval.select == "best-holdout" and not (cfg.eval.every and cfg.eval.holdout_fraction):
+        raise ConfigError("config key 'eval.select=best-holdout' needs eval.every > 0 (how often the holdout slice "
+                          "is scored) and eval.holdout_fraction > 0")
+    if len(set(cfg.eval.students)) != len(cfg.eval.students):
+        raise ConfigError(f"config key 'eval.students': {cfg.eval.students} names a student twice")
     for name in SECTIONS:
         _check_finite(name, getattr(cfg, name))
     for dotted in _POSITIVE:
@@ -283,9 +301,10 @@ def validate(cfg: Config) -> Config:
             parse_strategy(cfg.train.hard_dsa_strategy)
         except ValueError as exc:
             raise ConfigError(f"config key 'train.hard_dsa_strategy': {exc}") from None
-    for dotted in ("squeeze.arch", "train.arch", "train.hard_arch"):
-        section, key = dotted.split(".")
-        value = getattr(getattr(cfg, section), key)
+    archs = [(d, getattr(getattr(cfg, d.split(".")[0]), d.split(".")[1]))
+             for d in ("squeeze.arch", "train.arch", "train.hard_arch")]
+    archs += [(f"eval.students[{i}]", v) for i, v in enumerate(cfg.eval.students)]
+    for dotted, value in archs:
         try:
             check_arch(value)
         except ValueError as exc:

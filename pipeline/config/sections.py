@@ -170,8 +170,29 @@ class TrainConfig:
 class EvalConfig:
     """Evaluation of the student on the real val shards."""
 
-    every: int = _f(0, "evaluate every N epochs during training (0 = only at the end)")
+    every: int = _f(0, "score the student on the holdout slice every N epochs during training (0 = only at the "
+                    "end); never on val")
     batch_size: int = _op(256, "eval batch size")
+    protocols: list[str] = field(default_factory=list, metadata={
+        "doc": "student protocols of the evaluation matrix: kd and/or hard; [] = [train.protocol]"})
+    students: list[str] = field(default_factory=list, metadata={
+        "doc": "student architectures of the matrix (any model name); [] = each protocol's own (train.arch "
+               "under kd, train.hard_arch under hard)"})
+    seeds: int = _f(1, "student seeds per (protocol, student); seed 0 is the run seed's student")
+    baselines: list[str] = field(default_factory=lambda: ["random-real", "full-real"], metadata={
+        "doc": "baselines trained in the same run under the same matrix: random-real (random real images at "
+               "the same IPC, relabelled by the same teacher) and full-real (all real training images, hard "
+               "protocol); [] = none"})
+    holdout_fraction: float = _f(0.05, "share of each class of the real train split held out (seeded by "
+                                 "data.shuffle_seed): never in a distilled set or a student's training data; "
+                                 "used for any epoch choice instead of val")
+    select: str = _f("final", "final: report the last epoch's val accuracy | best-holdout: also report the val "
+                     "accuracy of the epoch best on the holdout slice (needs eval.every)")
+    full_real_epochs: int = _f(0, "full-real baseline: epochs; 0 = the hard protocol's")
+    gpus_per_student: float = _op(1.0, "GPUs per student of the matrix on a Ray cluster with GPUs (e.g. 0.25: "
+                                  "four small students share a GPU)")
+    baseline_dir: str = _op("", "where the baselines live; '' = RUN_DIR/baselines. A shared folder lets runs "
+                            "on the same data and teacher share them (keyed by their inputs)")
 
 
 @dataclass

@@ -269,14 +269,20 @@ def last_linear(model: torch.nn.Module) -> torch.nn.Linear:
 
 
 class RealPool:
-    """The real training images of the ingest shards, read by offset through the parquet index."""
+    """The real training images of the ingest shards, read by offset through the parquet index (less the
+    holdout slice: `holdout` = (eval.holdout_fraction, data.shuffle_seed))."""
 
     def __init__(self, real_dir: Path, index_paths: list[Path], seed: int, resolution: int,
-                 mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> None:
+                 mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
+                 holdout: tuple[float, int] = (0.0, 0)) -> None:
         from pipeline.data.shards import IndexedImages, read_index
+        from pipeline.holdout import holdout_rows
 
         self.images = IndexedImages(real_dir, read_index(index_paths))
-        self.by_class = self.images.rows_of_class()
+        by_class = self.images.rows_of_class()
+        # the holdout slice (fraction, seed) is never offered to a method (see pipeline.holdout)
+        held = set(holdout_rows(by_class, *holdout)) if holdout[0] > 0 else set()
+        self.by_class = {c: [r for r in rows if r not in held] for c, rows in by_class.items()}
         self.seed, self.resolution, self.mean, self.std, self.device = seed, resolution, mean, std, device
 
     def label(self, row: int) -> int:

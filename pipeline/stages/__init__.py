@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from pipeline.stages.base import Stage
 
 _MODULES = {name: f"pipeline.stages.{name}" for name in ("ingest", "squeeze", "recover", "relabel", "train",
-                                                          "evaluate")}
+                                                          "baseline", "evaluate")}
 _CACHE: dict[str, Stage] = {}
 
 

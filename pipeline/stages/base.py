@@ -116,10 +116,20 @@ class Stage:
         depend on the config (recover: the teacher only for methods that use it) overrides this."""
         return self.reads
 
-    def resume_files(self) -> tuple[str, ...]:
-        """Files (under the run dir) a driver-side job resumes from: deleted when its inputs change, so that
-        a rerun starts over instead of resuming work made from other inputs. By convention
-        `checkpoints/<stage>-last.pt` for the DDP jobs; none for distributed stages."""
+    def is_distributed(self, ctx: RunContext) -> bool:
+        """Whether this run of the stage sends its units through the executor (default: `distributed`); the train
+        stage does when its matrix has several cells."""
+        return self.distributed
+
+    def gpus_per_actor(self, cfg: Config) -> float:
+        """GPUs each Ray actor of the stage asks for when the cluster has GPUs (`needs_gpu`); a fraction lets
+        several actors share one."""
+        return 1.0
+
+    def resume_files(self, ctx: RunContext) -> tuple[str, ...]:
+        """Files (under the run dir) a job resumes from: deleted when its inputs change, so that a rerun starts
+        over instead of resuming work made from other inputs. By convention `checkpoints/<stage>-last.pt` for
+        the driver-side DDP jobs; none for distributed stages."""
         return () if self.distributed else (f"checkpoints/{self.name}-last.pt",)
 
     def stage_files(self, ctx: RunContext) -> list[Path]:

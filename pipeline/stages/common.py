@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pipeline.config import ConfigError
+from pipeline.config import Config, ConfigError
 from pipeline.stages.base import RunContext
 
 if TYPE_CHECKING:
@@ -15,8 +16,55 @@ if TYPE_CHECKING:
 JobSpec = TypeVar("JobSpec")
 
 TEACHER = "checkpoints/teacher.pt"
-STUDENT = "checkpoints/student.pt"
+STUDENTS = "checkpoints/students"  # one state_dict per cell of the evaluation matrix: <cell key>.pt
 SAMPLE_STATS = "checkpoints/teacher-samples.parquet"  # per-sample statistics of the teacher's training
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of the evaluation matrix: a student architecture trained under a protocol with a student seed.
+
+    Student seed 0 is the run seed's student (model init and batch order from the run seed, as a run without a
+    matrix); seed s > 0 draws its init and order (and, under hard, its DSA draws) from (run seed, "student", s).
+    The views of the kd protocol stay those of the run seed, so every seed reads the same stored soft labels.
+    """
+
+    protocol: str
+    student: str
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.protocol}-{self.student}-s{self.seed}"
+
+    @classmethod
+    def from_key(cls, key: str) -> Cell:
+        protocol, rest = key.split("-", 1)
+        student, seed = rest.rsplit("-s", 1)
+        return cls(protocol, student, int(seed))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"protocol": self.protocol, "student": self.student, "seed": self.seed}
+
+
+def eval_protocols(cfg: Config) -> list[str]:
+    """The protocols of the matrix: `eval.protocols`, or `train.protocol` alone when it is empty."""
+    return list(cfg.eval.protocols) or [cfg.train.protocol]
+
+
+def students_of(cfg: Config, protocol: str) -> list[str]:
+    """The student architectures of a protocol: `eval.students`, or the protocol's own student."""
+    return list(cfg.eval.students) or [cfg.train.arch if protocol == "kd" else cfg.train.hard_arch]
+
+
+def matrix(cfg: Config) -> list[Cell]:
+    """Every (protocol, student, seed) cell, protocol-major; the first is the run's primary cell."""
+    return [Cell(p, s, k) for p in eval_protocols(cfg) for s in students_of(cfg, p) for k in range(cfg.eval.seeds)]
+
+
+def student_path(cell: Cell) -> str:
+    """The cell's final state_dict, relative to the run directory."""
+    return f"{STUDENTS}/{cell.key}.pt"
 
 
 def real_meta(ctx: RunContext) -> dict[str, Any]:

@@ -7,21 +7,23 @@ from typing import Any
 
 from manifests.store import STAGE_RECORD, atomic_write_text
 from pipeline.stages.base import RunContext, Stage, Unit, UnitResult
-from pipeline.stages.common import STUDENT, data_spec, real_meta
+from pipeline.stages.common import Cell, data_spec, matrix, real_meta, student_path
 
 SUMMARY = "results/summary.json"
 
 
-def protocol(ctx: RunContext) -> dict[str, Any]:
-    """The student protocol as run (effective values: top_k resolved from the class count)."""
+def protocol(ctx: RunContext, cell: Cell | None = None) -> dict[str, Any]:
+    """A cell's student protocol as run (effective values: top_k resolved from the class count); default: the
+    primary cell's."""
     from pipeline.stages.recover import method_config
     from pipeline.stages.relabel import top_k
 
+    cell = cell or matrix(ctx.config)[0]
     c, t = ctx.config, ctx.config.train
-    if t.protocol == "hard":
+    if cell.protocol == "hard":
         from pipeline.stages.train import hard_spec
 
-        h = hard_spec(ctx)
+        h = hard_spec(ctx, cell.student)
         return {"name": "hard", "teacher": c.squeeze.arch, "student": h.arch, "resolution": c.data.resolution,
                 "mean": list(c.data.mean), "std": list(c.data.std), "epochs": h.epochs, "batch_size": h.batch_size,
                 "optimizer": f"sgd (momentum {h.momentum})", "lr": h.lr, "lr_schedule": "x0.1 at half the epochs",
@@ -29,7 +31,7 @@ def protocol(ctx: RunContext) -> dict[str, Any]:
                 "augmentation": f"DSA {h.dsa_strategy} (per image)" if h.dsa_strategy else "none",
                 "relabel_mode": None, "top_k": None,
                 "recover_iterations": getattr(method_config(ctx), "iterations", None)}
-    return {"name": "kd", "teacher": c.squeeze.arch, "student": t.arch, "resolution": c.data.resolution,
+    return {"name": "kd", "teacher": c.squeeze.arch, "student": cell.student, "resolution": c.data.resolution,
             "mean": list(c.data.mean), "std": list(c.data.std),
             "epochs": t.epochs, "batch_size": t.batch_size, "optimizer": t.optimizer, "lr": t.lr,
             "weight_decay": t.weight_decay, "decay_1d": t.decay_1d, "warmup_epochs": t.warmup_epochs,
@@ -41,8 +43,12 @@ def protocol(ctx: RunContext) -> dict[str, Any]:
 
 
 class EvaluateStage(Stage):
+    """One unit: every cell of the matrix scored on val (the final epoch's weights; with eval.select =
+    best-holdout also the weights of the epoch best on the holdout slice), the baselines' cells, the fairness
+    metrics and the run's cost, written to results/summary.json."""
+
     name = "evaluate"
-    depends_on = ("train",)
+    depends_on = ("train", "baseline")
     sections = ("seed", "eval")
 
     def plan(self, ctx: RunContext) -> list[Unit]:
@@ -55,6 +61,37 @@ class EvaluateStage(Stage):
         return {"summary": SUMMARY}
 
 
+def score_cell(ctx: RunContext, cell: Cell, device: Any) -> dict[str, Any]:
+    """One cell's row of the summary: val top-1 / top-5 of its final weights, its holdout top-1, and its training
+    cost (from its train record); with eval.select = best-holdout, the same for the best epoch's weights."""
+    from pipeline.holdout import holdout_top1
+    from pipeline.models import build_model
+    from pipeline.stages.train import best_path, holdout_spec
+    from pipeline.trainloop import evaluate, load_weights, val_loader
+
+    c = ctx.config
+    data = data_spec(ctx)
+    hold = holdout_spec(ctx)
+    model = build_model(cell.student, data.num_classes, c.data.resolution).to(device)
+
+    def score(weights: str) -> dict[str, Any]:
+        model.load_state_dict(load_weights(ctx.path(weights)))
+        m = evaluate(model, val_loader(data, 0, 1, device), device, c.train.amp)
+        h = holdout_top1(model, hold, c.data.resolution, c.data.mean, c.data.std, device) if hold else None
+        return {"top1": m["top1"], "top5": m["top5"], "val_images": m["n"], "holdout_top1": h}
+
+    train = ctx.store.load("train", cell.key)
+    tm = train.metrics if train else {}
+    row = {**cell.as_dict(), **score(student_path(cell)), "epoch": tm.get("epochs"), "epochs": tm.get("epochs"),
+           **{k: tm.get(k) for k in ("wall_s", "device_s", "peak_memory_bytes", "images_per_s", "device")}}
+    if c.eval.select == "best-holdout":
+        history = [h for h in tm.get("history", []) if h.get("holdout_top1") is not None]
+        if history and ctx.path(best_path(cell)).is_file():
+            best = max(history, key=lambda h: (h["holdout_top1"], -h["epoch"]))
+            row["best_holdout"] = {"epoch": best["epoch"], **score(best_path(cell))}
+    return row
+
+
 class EvaluateWorker:
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
@@ -62,46 +99,54 @@ class EvaluateWorker:
     def run(self, unit: Unit) -> UnitResult:
         import time
 
+        from manifests.fairness import fairness_rows
+
         from pipeline import ddp
-        from pipeline.models import build_model
-        from pipeline.trainloop import evaluate, load_weights, val_loader
+        from pipeline.cost import run_cost, stage_cost
+        from pipeline.stages import stage_order
+        from pipeline.stages.baseline import RANDOM_REAL, baseline_results
 
         ctx, c = self.ctx, self.ctx.config
         t0 = time.time()
-        data = data_spec(ctx)
         device = ddp.device_for_rank()
-        from pipeline.stages.train import student_arch
-
-        model = build_model(student_arch(ctx), data.num_classes, c.data.resolution)
-        model.load_state_dict(load_weights(ctx.path(STUDENT)))
-        m = evaluate(model.to(device), val_loader(data, 0, 1, device), device, c.train.amp)
+        cells = [score_cell(ctx, cell, device) for cell in matrix(c)]
+        primary = cells[0]
         store = ctx.store
         squeeze = store.load("squeeze", "import") or store.load("squeeze", "train")
-        train = store.load("train", "job")
-        history = train.metrics.get("history", []) if train else []
-        from pipeline.stages import stage_order
-
-        wall = {}
+        train = store.load("train", matrix(c)[0].key)
+        baselines = baseline_results(ctx)
+        if c.recover.method == RANDOM_REAL and RANDOM_REAL in c.eval.baselines:
+            baselines[RANDOM_REAL] = {"cells": cells, "run_dir": "."}  # its own baseline: IOR 0 by definition
+        wall, costs = {}, {}
         for stage in stage_order():  # the stages before this one, in run order
             if stage == EvaluateStage.name:
                 break
             rec = store.load(stage, STAGE_RECORD)
             if rec is not None:
                 wall[stage] = rec.metrics.get("wall_s")
+                units = [r.metrics for r in store.records(stage) if r.unit != STAGE_RECORD
+                         and r.config_hash == ctx.hashes[stage]]
+                costs[stage] = stage_cost(units)
         wall[EvaluateStage.name] = round(time.time() - t0, 3)
+        costs[EvaluateStage.name] = stage_cost([{"wall_s": wall[EvaluateStage.name], "device": device.type,
+                                                 "device_s": wall[EvaluateStage.name]}])
         relabel = store.load("relabel", STAGE_RECORD)
         summary = {
             "run_id": ctx.run_id, "dataset": c.data.dataset, "method": c.recover.method, "ipc": c.recover.ipc,
             "num_classes": real_meta(ctx)["num_classes"], "num_images": train.metrics.get("num_images") if train else None,
-            "teacher": c.squeeze.arch, "student": student_arch(ctx),
+            "teacher": c.squeeze.arch, "student": primary["student"],
             "teacher_top1": squeeze.metrics.get("teacher_top1") if squeeze else None,
-            "top1": m["top1"], "top5": m["top5"], "val_images": m["n"],
-            "best_top1": max([m["top1"]] + [h["top1"] for h in history]),
-            "epochs": train.metrics.get("epochs", c.train.epochs) if train else c.train.epochs,
-            "relabel_mode": None if c.train.protocol == "hard" else c.relabel.mode, "seed": c.seed, "wall_s": wall,
+            "top1": primary["top1"], "top5": primary["top5"], "val_images": primary["val_images"],
+            "holdout_top1": primary["holdout_top1"], "select": c.eval.select,
+            "epochs": primary["epochs"] if primary["epochs"] is not None else c.train.epochs,
+            "relabel_mode": None if primary["protocol"] == "hard" else c.relabel.mode, "seed": c.seed, "wall_s": wall,
             "soft_label_bytes": relabel.metrics.get("soft_label_bytes") if relabel else None,
             "full_logit_bytes": relabel.metrics.get("full_logit_bytes") if relabel else None,
             "protocol": protocol(ctx),
+            "protocols": {p: protocol(ctx, next(x for x in matrix(c) if x.protocol == p))
+                          for p in dict.fromkeys(x.protocol for x in matrix(c))},
+            "cells": cells, "baselines": baselines, "fairness": fairness_rows(cells, baselines),
+            "cost": run_cost(costs),
         }
         path = ctx.path(SUMMARY)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -72,7 +72,7 @@ def encode_png(img: torch.Tensor) -> bytes:
 class RecoverStage(Stage):
     name = "recover"
     depends_on = ("squeeze",)
-    sections = ("seed", "recover")
+    sections = ("seed", "recover", "eval.holdout_fraction")  # the holdout slice never enters the pool
     distributed = True
     needs_gpu = True
     output_dirs = (SYNTHETIC_DIR, GRID_DIR)
@@ -149,7 +149,8 @@ def open_env(ctx: RunContext, device: torch.device) -> Any:
     if method.needs.real_images or env.init.startswith("real"):
         names = real_meta(ctx)["shards"]["train"]
         env.real = RealPool(ctx.path("real"), [ctx.path("real", f"{n}.parquet") for n in names], ctx.config.seed,
-                            data.resolution, mean, std, device)
+                            data.resolution, mean, std, device,
+                            holdout=(ctx.config.eval.holdout_fraction, ctx.config.data.shuffle_seed))
         env.stats_loader = lambda: load_sample_stats(ctx, env.real)
     env.loss_score = r.loss_score
     return env

@@ -20,7 +20,7 @@ from manifests.store import atomic_path
 from pipeline.augment import ViewConfig
 from pipeline.data.synthetic import SYNTHETIC_DIR, load_images
 from pipeline.stages.base import RunContext, Stage, Unit, UnitResult
-from pipeline.stages.common import real_meta, recover_index_paths, run_teacher
+from pipeline.stages.common import eval_protocols, real_meta, recover_index_paths, run_teacher
 
 SOFT_DIR = "soft_labels"
 
@@ -62,13 +62,13 @@ def view_spec(ctx: RunContext) -> ViewConfig:
 class RelabelStage(Stage):
     name = "relabel"
     depends_on = ("recover",)
-    sections = ("seed", "relabel", "train")
+    sections = ("seed", "relabel", "train", "eval.protocols")
     distributed = True
     needs_gpu = True
     output_dirs = (SOFT_DIR,)
 
     def plan(self, ctx: RunContext) -> list[Unit]:
-        if ctx.config.relabel.mode == "online" or ctx.config.train.protocol == "hard":
+        if ctx.config.relabel.mode == "online" or "kd" not in eval_protocols(ctx.config):
             return []  # online: the student runs the teacher; hard: the student learns the images' own labels
         n, step = num_synthetic(ctx), ctx.config.relabel.images_per_unit
         return [Unit(f"img{a:07d}-{min(a + step, n) - 1:07d}", {"ids": [a, min(a + step, n)]}) for a in range(0, n, step)]
@@ -79,8 +79,9 @@ class RelabelStage(Stage):
     def finalize(self, ctx: RunContext) -> dict[str, Any]:
         from pipeline.softlabels import full_logit_bytes
 
-        if ctx.config.train.protocol == "hard":
-            return {"mode": "skipped: train.protocol = hard (the student learns hard labels)", "soft_label_bytes": 0}
+        if "kd" not in eval_protocols(ctx.config):
+            return {"mode": "skipped: no kd protocol in the matrix (hard students learn hard labels)",
+                    "soft_label_bytes": 0}
         n, c, epochs = num_synthetic(ctx), real_meta(ctx)["num_classes"], ctx.config.train.epochs
         records = ctx.store.records(self.name)
         stored = sum(o.bytes for r in records for o in r.outputs)
