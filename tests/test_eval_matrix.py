@@ -74,8 +74,8 @@ def test_holdout_images_never_reach_a_distilled_set_or_the_full_real_students(te
     everything, labels = load_train_images(type(spec)(spec.real_dir, spec.index_paths, 0.0, 0), cfg.data.resolution)
     kept, _ = load_train_images(spec, cfg.data.resolution)
     assert len(kept) == len(everything) - len(held) and len(held) >= 10 * 2  # 20 % of each digit
-    from pipeline.data.synthetic import synthetic_index_paths
     from pipeline.data.shards import read_index
+    from pipeline.data.synthetic import synthetic_index_paths
 
     index = read_index(synthetic_index_paths(run_dir, ctx.store.records("recover")))
     synthetic, _ = load_images(run_dir / "synthetic", index)

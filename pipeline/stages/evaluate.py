@@ -100,7 +100,6 @@ class EvaluateWorker:
         import time
 
         from manifests.fairness import fairness_rows
-
         from pipeline import ddp
         from pipeline.cost import run_cost, stage_cost
         from pipeline.stages import stage_order
