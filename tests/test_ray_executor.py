@@ -237,3 +237,32 @@ def test_recover_bytes_do_not_depend_on_thread_count_or_executor(ray_cluster, te
     assert len(want) == 4
     assert _recover_outputs(single) == want
     assert _recover_outputs(on_ray) == want
+
+
+@pytest.mark.ray
+def test_the_students_of_a_matrix_train_on_ray_actors_like_locally(ray_cluster, teacher_run, tmp_path):
+    """Two hard cells of the matrix run as units on two CPU actors and give the same students as in-process."""
+    import hashlib
+
+    from tests.helpers import clone_run, fast_config
+
+    matrix = ["eval.protocols=[hard]", "eval.students=[convnet-in, lenet]", "train.hard_epochs=2",
+              "train.hard_batch_size=8"]
+    local = clone_run(teacher_run, tmp_path / "local")
+    run_pipeline(fast_config(*matrix), local, stages=["recover", "relabel", "train"], progress=False)
+    on_ray = clone_run(teacher_run, tmp_path / "ray")
+    cfg = fast_config(*matrix, "executor.kind=ray", "executor.num_workers=2", "executor.cpus_per_worker=1")
+    executor = RayExecutor(cfg)
+    try:
+        run_pipeline(cfg, on_ray, stages=["recover", "relabel", "train"], executor=executor, progress=False)
+    finally:
+        executor.close()
+
+    def students(run: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted((run / "checkpoints" / "students").glob("*.pt"))}
+
+    assert list(students(local)) == ["hard-convnet-in-s0.pt", "hard-lenet-s0.pt"]
+    assert students(on_ray) == students(local)
+    records = [ManifestStore(on_ray).load("train", k) for k in ("hard-convnet-in-s0", "hard-lenet-s0")]
+    assert all(r.metrics["world_size"] == 1 and r.metrics["device"] == "cpu" for r in records)
