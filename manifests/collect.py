@@ -11,9 +11,13 @@ For every run directory the collector
 3. takes the result of a verified run from the evaluate record's metrics (falling back to the
    resolved `config.json` for the keys that describe the experiment).
 
-Verified runs are grouped by (dataset, teacher, student, method, ipc); a group's top-1 is reported as
-mean ± sample std (ddof=1) over its runs (seeds). The markdown table has one row per
-(dataset, teacher, student, method) and one column per IPC; csv and parquet hold the long form.
+A verified run contributes one entry per cell of its evaluation matrix (protocol, student, student seed) and
+its random-real baseline's cells (a baseline folder shared by several runs counts once). Entries are grouped by
+(dataset, teacher, student, protocol, method, ipc); a group's top-1 is reported as mean ± sample std (ddof=1)
+over its entries. The markdown has the table (one row per (dataset, teacher, student, protocol, method), one
+column per IPC), the fairness table (IOR / HLR / LRS, device hours, top-1 per device-hour), the table across
+student architectures and the recover cost; csv and parquet hold the long form; two PNG plots (top-1 against
+IPC, and against soft-label bytes) go beside `--out`.
 
 Modules: `manifests.verify` (re-hashing the outputs records name), `manifests.results` (a run's
 entry, grouping, mean ± std), `manifests.reports` (markdown / csv / parquet / PNG writers); this
@@ -29,6 +33,7 @@ import glob
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from manifests.reports import (
     OUT_SUFFIXES,
@@ -36,7 +41,7 @@ from manifests.reports import (
     format_markdown,
     write_outputs,
 )
-from manifests.results import RunResult, duplicate_seeds, results_table, run_result
+from manifests.results import RunResult, cell_results, duplicate_seeds, results_table, run_result
 from manifests.verify import load_records, verify_outputs
 
 
@@ -102,6 +107,18 @@ def verify_runs(run_dirs: Sequence[Path], jobs: int = 4) -> tuple[list[RunResult
     return runs, problems
 
 
+def cell_entries(runs: Sequence[RunResult]) -> list[RunResult]:
+    """Every run's cells and baseline cells (`manifests.results.cell_results`), a shared baseline counted once."""
+    seen: set[tuple[Any, ...]] = set()
+    out = []
+    for run in runs:
+        for entry in cell_results(run):
+            if entry.identity not in seen:
+                seen.add(entry.identity)
+                out.append(entry)
+    return out
+
+
 # --------------------------------------------------------------------------------------------- reduction
 
 
@@ -120,9 +137,10 @@ def collect_main(runs: Sequence[str], out: str | None = None) -> int:
     problems = unmatched + problems
     for problem in problems:
         print(f"distill collect: {problem}", file=sys.stderr)
-    for warning in duplicate_seeds(results):
+    entries = cell_entries(results)
+    for warning in duplicate_seeds(entries):
         print(f"distill collect: warning: {warning}", file=sys.stderr)
-    rows = results_table(results)
+    rows = results_table(entries)
     link_base = out_path.parent if out_path is not None and out_path.suffix.lower() == ".md" else None
     markdown = format_markdown(rows, results, problems, link_base=link_base)
     if out_path is None:

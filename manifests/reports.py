@@ -1,6 +1,7 @@
-"""Report writers of `distill collect`: the markdown table, csv, parquet and the PNG plot.
+"""Report writers of `distill collect`: the markdown tables, csv, parquet and the PNG plots.
 
-The markdown table has one row per (dataset, teacher, student, method) and one column per IPC;
+The markdown table has one row per (dataset, teacher, student, protocol, method) and one column per IPC, then
+the fairness table, the table across student architectures and the recover cost;
 csv and parquet hold the long form (LONG_COLUMNS). Every file is written through the store's
 atomic helpers.
 """
@@ -70,8 +71,10 @@ def format_markdown(
             values = [format_cell(cells[i]["top1_mean"], cells[i]["top1_std"], cells[i]["n_seeds"])
                       if i in cells else "-" for i in ipcs]
             lines.append("| " + " | ".join(_md_escape(v) for v in [*key, teacher_cell, *values]) + " |")
-        lines += ["", "Cells: student top-1 on the real validation set, mean ± sample std (ddof=1) over seeds, "
-                  "n = number of runs.", ""]
+        lines += ["", "Cells: student top-1 on the real validation set (final epoch), mean ± sample std (ddof=1) "
+                  "over seeds, n = number of (run, student seed) entries.", ""]
+        lines += fairness_lines(rows)
+        lines += across_students_lines(rows)
         lines += cost_lines(rows)
     if runs:
         lines += ["## Runs", "", "| run | dataset | method | IPC | seed | top-1 | top-5 | image grids |",
@@ -86,6 +89,57 @@ def format_markdown(
     if problems:
         lines += ["## Not counted", ""] + [f"- {_md_escape(p)}" for p in problems] + [""]
     return "\n".join(lines)
+
+
+def _signed(v: float | None) -> str:
+    return "-" if v is None else f"{v:+.3f}"
+
+
+def fairness_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Per (dataset, protocol, student, method, IPC): top-1, IOR / HLR / LRS (fractions, means over the runs) and
+    the runs' device hours and top-1 per device-hour; empty when no run recorded fairness metrics or cost."""
+    if not any(r.get("ior_mean") is not None or r.get("device_hours_mean") is not None for r in rows):
+        return []
+    lines = ["## Fairness and cost", "",
+             "| dataset | protocol | student | method | IPC | top-1 | IOR | HLR | LRS | device-h | top-1 / device-h |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["dataset"], r["protocol"], r["student"], int(r["ipc"]), r["method"])):
+        hours = r.get("device_hours_mean")
+        per = r.get("top1_per_device_hour")
+        lines.append(f"| {_md_escape(r['dataset'])} | {r['protocol']} | {_md_escape(r['student'])} | "
+                     f"{_md_escape(r['method'])} | {r['ipc']} | "
+                     f"{format_cell(r['top1_mean'], r['top1_std'], r['n_seeds'])} | {_signed(r.get('ior_mean'))} | "
+                     f"{_signed(r.get('hlr_mean'))} | {'-' if r.get('lrs_mean') is None else format(r['lrs_mean'], '.3f')} | "
+                     f"{'-' if hours is None else f'{hours:.3f}'} | {'-' if per is None else f'{per:.1f}'} |")
+    lines += ["", "IOR = top-1(method) - top-1(random-real), HLR = top-1(full real, hard) - top-1(method, hard), in "
+              "fractions (see the README's fairness metrics); device-h: the run's own device hours (GPU hours on "
+              "GPU, CPU process-hours otherwise), baselines apart; random-real rows are the runs' baselines.", ""]
+    return lines
+
+
+def across_students_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One table per (dataset, protocol, IPC) with methods as rows and student architectures as columns; empty
+    when no (dataset, protocol) has more than one student."""
+    by: dict[tuple[str, str, int], dict[str, dict[str, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        by[(r["dataset"], r["protocol"], int(r["ipc"]))][r["method"]][r["student"]] = r
+    lines: list[str] = []
+    for key in sorted(by):
+        students = sorted({s for m in by[key].values() for s in m})
+        if len(students) < 2:
+            continue
+        if not lines:
+            lines = ["## Across student architectures", ""]
+        lines += [f"{_md_escape(key[0])}, {key[1]}, IPC {key[2]}:", "",
+                  "| method | " + " | ".join(_md_escape(s) for s in students) + " |",
+                  "|---|" + "---:|" * len(students)]
+        for method in sorted(by[key]):
+            cells = by[key][method]
+            lines.append(f"| {_md_escape(method)} | " + " | ".join(
+                format_cell(cells[s]["top1_mean"], cells[s]["top1_std"], cells[s]["n_seeds"]) if s in cells else "-"
+                for s in students) + " |")
+        lines.append("")
+    return lines
 
 
 def cost_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -146,7 +200,8 @@ def write_parquet(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
         ("dataset", pa.string()), ("teacher", pa.string()), ("student", pa.string()), ("protocol", pa.string()),
         ("method", pa.string()), ("ipc", pa.int64()), ("n_seeds", pa.int64()), ("top1_mean", pa.float64()),
         ("top1_std", pa.float64()), ("top5_mean", pa.float64()), ("teacher_top1_mean", pa.float64()),
-        *[(k, pa.float64()) for k in COST_KEYS], ("runs", pa.list_(pa.string())),
+        *[(k, pa.float64()) for k in LONG_COLUMNS[LONG_COLUMNS.index(COST_KEYS[0]):-1]],
+        ("runs", pa.list_(pa.string())),
     ])
     table = pa.Table.from_pylist([{k: row.get(k) for k in LONG_COLUMNS} for row in rows], schema=schema)
     with atomic_path(Path(path)) as tmp:
@@ -195,6 +250,43 @@ def write_plot(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
     return Path(path)
 
 
+def write_bytes_plot(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """Top-1 against the soft labels' bytes (log scale), one point per (method, IPC) of the kd rows that stored
+    soft labels; one panel per (dataset, teacher, student)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels: dict[tuple[str, str, str], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.get("soft_label_bytes_mean"):
+            panels[(r["dataset"], r["teacher"], r["student"])][r["method"]].append(r)
+    n = max(1, len(panels))
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.6), squeeze=False)
+    for ax, key in zip(axes[0], sorted(panels), strict=False):
+        for method, points in sorted(panels[key].items()):
+            points = sorted(points, key=lambda p: p["soft_label_bytes_mean"])
+            ax.plot([p["soft_label_bytes_mean"] for p in points], [p["top1_mean"] for p in points], marker="o",
+                    label=method)
+            for p in points:
+                ax.annotate(f"IPC {p['ipc']}", (p["soft_label_bytes_mean"], p["top1_mean"]), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_title(f"{key[0]}: {key[1]} -> {key[2]} (kd)", fontsize=9)
+        ax.set_xlabel("stored soft-label bytes")
+        ax.set_ylabel("student top-1")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if not panels:
+        axes[0][0].text(0.5, 0.5, "no run stored soft labels", ha="center", va="center")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
+
+
 def write_outputs(out: Path, rows: Sequence[dict[str, Any]], markdown: str) -> list[Path]:
     """The table in the format `out`'s suffix names, plus `<stem>.png` beside it."""
     out = Path(out)
@@ -209,4 +301,5 @@ def write_outputs(out: Path, rows: Sequence[dict[str, Any]], markdown: str) -> l
     else:
         raise ValueError(f"--out must end in {', '.join(OUT_SUFFIXES)} (got '{out.name}')")
     written.append(write_plot(out.with_suffix(".png"), rows))
+    written.append(write_bytes_plot(out.with_name(f"{out.stem}-bytes.png"), rows))
     return written

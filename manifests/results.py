@@ -12,7 +12,7 @@ import math
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,11 @@ EVALUATE = "evaluate"
 RECOVER = "recover"
 GROUP_KEYS = ("dataset", "teacher", "student", "protocol", "method", "ipc")
 COST_KEYS = ("recover_unit_s", "recover_image_it_per_s", "recover_images_per_s")
+FAIR_KEYS = ("ior", "hlr", "lrs")  # fractions, from each run's summary (`manifests.fairness`)
 LONG_COLUMNS = (
     "dataset", "teacher", "student", "protocol", "method", "ipc", "n_seeds", "top1_mean", "top1_std", "top5_mean",
-    "teacher_top1_mean", *COST_KEYS, "runs",
+    "teacher_top1_mean", *COST_KEYS, *(f"{k}_mean" for k in FAIR_KEYS), "device_hours_mean", "gpu_hours_mean",
+    "top1_per_device_hour", "soft_label_bytes_mean", "runs",
 )
 
 
@@ -48,10 +50,21 @@ class RunResult:
     summary: dict[str, Any] = field(default_factory=dict)
     protocol: str = "kd"
     cost: dict[str, float | None] = field(default_factory=dict)  # COST_KEYS, from the recover unit records
+    student_seed: int = 0  # the cell's student seed (a run's matrix has several)
+    fair: dict[str, float | None] = field(default_factory=dict)  # FAIR_KEYS of the run's (protocol, student)
+    device_hours: float | None = None  # the run's own cost (baselines apart)
+    gpu_hours: float | None = None
+    soft_label_bytes: float | None = None
+    baseline_of: Path | None = None  # a random-real baseline's cell: the run whose summary carried it
 
     @property
     def group(self) -> tuple[str, str, str, str, str, int]:
         return (self.dataset, self.teacher, self.student, self.protocol, self.method, self.ipc)
+
+    @property
+    def identity(self) -> tuple[Any, ...]:
+        """What makes two entries the same measurement (a baseline shared by several runs counts once)."""
+        return (str(Path(self.run_dir).resolve()), self.method, self.protocol, self.student, self.student_seed)
 
 
 def recover_cost(records: Sequence[Record]) -> dict[str, float | None]:
@@ -143,6 +156,38 @@ def run_result(run_dir: Path, records: dict[str, list[Record]]) -> tuple[RunResu
     ), []
 
 
+def cell_results(run: RunResult) -> list[RunResult]:
+    """A run's entries: one per cell of its evaluation matrix (`summary["cells"]`; a summary without cells is one
+    entry) with its fairness metrics and cost, then its random-real baseline's cells as entries of method
+    `random-real` (run_dir = the baseline's own folder, so runs sharing it count it once)."""
+    s = run.summary
+    cost = s.get("cost") if isinstance(s.get("cost"), dict) else {}
+    fair = {(f.get("protocol"), f.get("student")): f for f in s.get("fairness") or [] if isinstance(f, dict)}
+    common = {"device_hours": _as_float(cost.get("device_hours")), "gpu_hours": _as_float(cost.get("gpu_hours")),
+              "soft_label_bytes": _as_float(s.get("soft_label_bytes"))}
+    cells = [c for c in s.get("cells") or [] if isinstance(c, dict) and _as_float(c.get("top1")) is not None]
+    if not cells:
+        key = fair.get((run.protocol, run.student), {})
+        return [replace(run, fair={k: _as_float(key.get(k)) for k in FAIR_KEYS}, **common)]
+    out = []
+    for c in cells:
+        f = fair.get((c.get("protocol"), c.get("student")), {})
+        out.append(replace(run, student=str(c.get("student")), protocol=str(c.get("protocol")),
+                           student_seed=int(c.get("seed") or 0), top1=float(c["top1"]), top5=_as_float(c.get("top5")),
+                           fair={k: _as_float(f.get(k)) for k in FAIR_KEYS}, **common))
+    base = (s.get("baselines") or {}).get("random-real") or {}
+    if run.method != "random-real" and isinstance(base, dict) and base.get("run_dir") not in (None, "", "."):
+        where = (run.run_dir / str(base["run_dir"])).resolve()
+        for c in base.get("cells") or []:
+            if isinstance(c, dict) and _as_float(c.get("top1")) is not None:
+                out.append(replace(run, run_dir=where, method="random-real", student=str(c.get("student")),
+                                   protocol=str(c.get("protocol")), student_seed=int(c.get("seed") or 0),
+                                   top1=float(c["top1"]), top5=_as_float(c.get("top5")), grids=[], cost={},
+                                   fair={}, device_hours=None, gpu_hours=None, soft_label_bytes=None,
+                                   baseline_of=run.run_dir))
+    return out
+
+
 def _mean_std(values: list[float]) -> tuple[float, float | None]:
     mean = statistics.fmean(values)
     return mean, (statistics.stdev(values) if len(values) > 1 else None)
@@ -165,7 +210,7 @@ def results_table(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
         groups[run.group].append(run)
     rows = []
     for key in sorted(groups):
-        members = sorted(groups[key], key=lambda r: (r.seed, str(r.run_dir)))
+        members = sorted(groups[key], key=lambda r: (r.seed, r.student_seed, str(r.run_dir)))
         top1_mean, top1_std = _mean_std([r.top1 for r in members])
         top5 = [r.top5 for r in members if r.top5 is not None]
         teacher = [r.teacher_top1 for r in members if r.teacher_top1 is not None]
@@ -177,7 +222,12 @@ def results_table(runs: Sequence[RunResult]) -> list[dict[str, Any]]:
             "top5_mean": statistics.fmean(top5) if len(top5) == len(members) else None,
             "teacher_top1_mean": statistics.fmean(teacher) if teacher else None,
             **{k: mean_of([r.cost.get(k) for r in members]) for k in COST_KEYS},
-            "runs": [str(r.run_dir) for r in members],
+            **{f"{k}_mean": mean_of([r.fair.get(k) for r in members]) for k in FAIR_KEYS},
+            "device_hours_mean": mean_of([r.device_hours for r in members]),
+            "gpu_hours_mean": mean_of([r.gpu_hours for r in members]),
+            "top1_per_device_hour": mean_of([r.top1 / r.device_hours for r in members if r.device_hours]),
+            "soft_label_bytes_mean": mean_of([r.soft_label_bytes for r in members]),
+            "runs": list(dict.fromkeys(str(r.run_dir) for r in members)),
         })
     return rows
 
@@ -186,6 +236,6 @@ def duplicate_seeds(runs: Sequence[RunResult]) -> list[str]:
     """Warnings for groups that hold the same seed twice (counted, but not independent)."""
     seen: dict[tuple[Any, ...], list[str]] = defaultdict(list)
     for run in runs:
-        seen[(*run.group, run.seed)].append(str(run.run_dir))
-    return [f"seed {k[-1]} of {'/'.join(map(str, k[:-1]))} appears in {len(v)} runs: {', '.join(v)}"
-            for k, v in seen.items() if len(v) > 1]
+        seen[(*run.group, run.seed, run.student_seed)].append(str(run.run_dir))
+    return [f"seed {k[-2]} (student seed {k[-1]}) of {'/'.join(map(str, k[:-2]))} appears in {len(v)} runs: "
+            f"{', '.join(v)}" for k, v in seen.items() if len(v) > 1]

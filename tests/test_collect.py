@@ -36,9 +36,10 @@ def _rec(run_id: str, stage: str, unit: str, outputs: list[FileRef] = (), metric
 
 
 def make_run(root: Path, method: str, ipc: int, seed: int, top1: float, evaluate: bool = True,
-             protocol: str = "kd", unit_metrics: dict | None = None) -> Path:
+             protocol: str = "kd", unit_metrics: dict | None = None, summary_extra: dict | None = None,
+             name: str = "") -> Path:
     """A run directory with the layout of a real one: config, per-stage records naming tiny outputs."""
-    run_dir = root / (f"{method}-ipc{ipc}-s{seed}" + ("" if protocol == "kd" else f"-{protocol}"))
+    run_dir = root / (name or f"{method}-ipc{ipc}-s{seed}" + ("" if protocol == "kd" else f"-{protocol}"))
     run_id = run_dir.name
     cfg = {"run_id": run_id, "seed": seed, "data": {"dataset": "digits"}, "squeeze": {"arch": "convnet"},
            "train": {"arch": "convnet"}, "recover": {"method": method, "ipc": ipc}}
@@ -56,7 +57,8 @@ def make_run(root: Path, method: str, ipc: int, seed: int, top1: float, evaluate
     summary = {"dataset": "digits", "method": method, "ipc": ipc, "num_classes": 10, "num_images": 10 * ipc,
                "teacher": "convnet", "student": "convnet", "teacher_top1": 95.0 + seed, "top1": top1,
                "top5": top1 + 30.0, "best_top1": top1 + 1.0, "epochs": 100, "relabel_mode": "stored",
-               "seed": seed, "wall_s": {"ingest": 1.0}, "protocol": {"resolution": 32, "name": protocol}}
+               "seed": seed, "wall_s": {"ingest": 1.0}, "protocol": {"resolution": 32, "name": protocol},
+               **(summary_extra or {})}
     for stage in STAGES:
         if stage == "evaluate" and not evaluate:
             break
@@ -173,7 +175,8 @@ def test_outputs_written(runs_root: Path, tmp_path: Path) -> None:
     assert len(rows) == 4
     assert list(rows[0]) == ["dataset", "teacher", "student", "protocol", "method", "ipc", "n_seeds", "top1_mean",
                              "top1_std", "top5_mean", "teacher_top1_mean", "recover_unit_s", "recover_image_it_per_s",
-                             "recover_images_per_s", "runs"]
+                             "recover_images_per_s", "ior_mean", "hlr_mean", "lrs_mean", "device_hours_mean",
+                             "gpu_hours_mean", "top1_per_device_hour", "soft_label_bytes_mean", "runs"]
     assert rows[0]["n_seeds"] == "3" and len(rows[0]["runs"].split(";")) == 3
 
     import pyarrow.parquet as pq
@@ -208,3 +211,52 @@ def test_protocols_are_separate_rows_and_recover_cost_is_shown_against_sre2l(tmp
     assert "| digits | sre2l | 10 | 10.00 | 3000.0 | 10.0 | 1.00 |" in out
     assert "| digits | dm | 10 | 40.00 | 500.0 | 2.5 | 4.00 |" in out
     assert "| digits | herding | 10 | 2.00 | - | 50.0 | 0.20 |" in out  # selection: no image-iterations
+
+
+# ------------------------------------------------------------------------- evaluation matrices and baselines
+
+def _matrix_summary(top1: dict[tuple[str, str, int], float], random: dict[tuple[str, str, int], float],
+                    baseline_dir: str, device_hours: float) -> dict:
+    from manifests.fairness import fairness_rows
+
+    cells = [{"protocol": p, "student": s, "seed": k, "top1": v, "top5": 99.0} for (p, s, k), v in top1.items()]
+    baselines = {"random-real": {"run_dir": baseline_dir, "cells": [
+        {"protocol": p, "student": s, "seed": k, "top1": v, "top5": 99.0} for (p, s, k), v in random.items()]},
+        "full-real": {"cells": [{"protocol": "hard", "student": "convnet", "seed": 0, "top1": 98.0}]}}
+    return {"cells": cells, "baselines": baselines, "fairness": fairness_rows(cells, baselines),
+            "cost": {"device": "cpu", "device_hours": device_hours, "gpu_hours": 0.0}, "soft_label_bytes": 1000}
+
+
+def test_a_matrix_run_counts_each_cell_and_a_shared_baseline_once(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    random = {("kd", "convnet", 0): 50.0, ("kd", "lenet", 0): 40.0, ("hard", "convnet", 0): 45.0}
+    mine = {("kd", "convnet", 0): 60.0, ("kd", "lenet", 0): 38.0, ("hard", "convnet", 0): 40.0}
+    shared = str(tmp_path / "shared" / "random-real-abc")  # both runs point at the same baseline folder
+    for method, top in (("dwa", mine), ("sre2l", {k: v - 5 for k, v in mine.items()})):
+        make_run(root, method, 10, 0, top[("kd", "convnet", 0)], summary_extra=_matrix_summary(
+            top, random, shared, device_hours=0.5))
+    make_run(root, "herding", 10, 0, 55.0)  # an old summary, without cells: one kd entry as before
+    out = tmp_path / "table.md"
+    assert collect_main([str(root)], str(out)) == 0
+    from manifests.collect import cell_entries
+
+    runs, problems = load_runs([str(root)])
+    assert problems == []
+    entries = cell_entries(runs)
+    assert len(entries) == 3 + 3 + 3 + 1  # two runs' cells, the shared baseline once, the old run
+    table = {(r["method"], r["protocol"], r["student"]): r for r in results_table(entries)}
+    assert table[("random-real", "kd", "convnet")]["n_seeds"] == 1
+    assert table[("dwa", "kd", "convnet")]["ior_mean"] == pytest.approx(0.10)
+    assert table[("dwa", "hard", "convnet")]["hlr_mean"] == pytest.approx(0.58)
+    assert table[("dwa", "kd", "convnet")]["top1_per_device_hour"] == pytest.approx(120.0)
+    assert table[("herding", "kd", "convnet")]["ior_mean"] is None
+    text = out.read_text()
+    assert "## Fairness and cost" in text and "## Across student architectures" in text
+    across = text.split("## Across student architectures")[1]
+    assert "| method | convnet | lenet |" in across and "| dwa | 60.00 (n=1) | 38.00 (n=1) |" in across
+    assert out.with_name("table-bytes.png").is_file() and out.with_suffix(".png").is_file()
+    # the long form carries the new columns
+    assert collect_main([str(root)], str(tmp_path / "table.csv")) == 0
+    with open(tmp_path / "table.csv") as f:
+        long = {(r["method"], r["protocol"], r["student"]): r for r in csv.DictReader(f)}
+    assert float(long[("dwa", "kd", "convnet")]["ior_mean"]) == pytest.approx(0.10)

@@ -178,3 +178,34 @@ def test_cost_sums_per_stage_and_keeps_the_baselines_apart(monkeypatch):
     total = run_cost({"train": train, "recover": cpu, "baseline": cpu})
     assert total["device"] == "cuda" and total["gpu_hours"] == round(45 / 3600, 6)
     assert total["device_hours"] == round((45 + 3600) / 3600, 6) and total["baseline_device_hours"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------ fairness metrics
+
+def test_fairness_metrics_from_known_accuracies():
+    import math
+
+    from manifests.fairness import fairness_rows, hlr, ior, lrs
+
+    assert ior(60.0, 50.0) == pytest.approx(0.10) and hlr(90.0, 40.0) == pytest.approx(0.50)
+    want = (math.exp((0.10 - 0.50) / 2) - math.exp(-1)) / (math.e - math.exp(-1))
+    assert lrs(0.10, 0.50) == pytest.approx(want) and 0.0 <= want <= 1.0
+    assert lrs(1.0, -1.0) == pytest.approx(1.0) and lrs(-1.0, 1.0) == pytest.approx(0.0)  # fractions: [0, 1]
+    assert ior(None, 50.0) is None and hlr(90.0, None) is None and lrs(0.1, None) is None
+    cells = [{"protocol": "kd", "student": "convnet", "seed": 0, "top1": 60.0},
+             {"protocol": "kd", "student": "convnet", "seed": 1, "top1": 62.0},
+             {"protocol": "hard", "student": "convnet", "seed": 0, "top1": 40.0},
+             {"protocol": "kd", "student": "lenet", "seed": 0, "top1": 30.0}]
+    baselines = {"random-real": {"cells": [{"protocol": "kd", "student": "convnet", "seed": 0, "top1": 50.0},
+                                           {"protocol": "kd", "student": "convnet", "seed": 1, "top1": 52.0},
+                                           {"protocol": "hard", "student": "convnet", "seed": 0, "top1": 45.0}]},
+                 "full-real": {"cells": [{"protocol": "hard", "student": "convnet", "seed": 0, "top1": 90.0}]}}
+    rows = {(r["protocol"], r["student"]): r for r in fairness_rows(cells, baselines)}
+    assert list(rows) == [("kd", "convnet"), ("hard", "convnet"), ("kd", "lenet")]
+    kd = rows[("kd", "convnet")]
+    assert kd["n"] == 2 and kd["top1"] == 61.0 and kd["random_top1"] == 51.0
+    assert kd["ior"] == pytest.approx(0.10) and kd["hlr"] == pytest.approx(0.50)  # HLR from the hard cells
+    assert kd["lrs"] == pytest.approx(want)
+    assert rows[("hard", "convnet")]["ior"] == pytest.approx(-0.05)
+    lenet = rows[("kd", "lenet")]
+    assert lenet["random_top1"] is None and lenet["ior"] is None and lenet["hlr"] is None and lenet["lrs"] is None
