@@ -1,4 +1,5 @@
-"""The `distill` commands: run the pipeline, show a run's status, list recipes and methods, collect results.
+"""The `distill` commands: run the pipeline, show a run's status, list recipes and methods, collect results,
+export a distilled set.
 
 The executable entry is `workers.cli` (console script `distill`): it composes these commands with the Ray
 executor, so nothing under `pipeline` imports `workers`. Exit codes: 0 done, 2 usage or configuration error,
@@ -70,7 +71,13 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("collect", help="results table from the manifests of one or many runs")
     c.add_argument("runs", nargs="+", help="run directories or glob patterns")
-    c.add_argument("--out", default=None, help="write the table to .md, .csv or .parquet (plus a PNG plot beside it)")
+    c.add_argument("--out", default=None, help="write the table to .md, .csv or .parquet (plus PNG plots beside it)")
+
+    e = sub.add_parser("export", help="write a run's distilled set as class folders of PNGs, its soft labels, its "
+                       "config, a data-set card and SHA256SUMS (read back with recover.method=import)")
+    e.add_argument("run_dir", help="the run directory (its recover stage must be complete)")
+    e.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
+    e.add_argument("--force", action="store_true", help="replace a non-empty --out")
     return p
 
 
@@ -170,6 +177,14 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     return collect_main(args.runs, args.out)
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.export import export_run
+
+    out = export_run(args.run_dir, args.out, force=args.force)
+    print(f"exported {args.run_dir} to {out} (check: cd {out} && sha256sum -c SHA256SUMS)")
+    return 0
+
+
 def main(argv: list[str] | None = None, make_executor: ExecutorFactory | None = None) -> int:
     """The `distill` commands. `make_executor(cfg)` builds the executor of `run` (the composition root,
     `workers.cli`, passes the one that picks Ray or in-process); without it, units run in this process."""
@@ -180,7 +195,7 @@ def main(argv: list[str] | None = None, make_executor: ExecutorFactory | None = 
     from pipeline.runner import StageFailed
 
     handlers = {"run": _cmd_run, "status": _cmd_status, "recipes": _cmd_recipes, "methods": _cmd_methods,
-                "collect": _cmd_collect}
+                "collect": _cmd_collect, "export": _cmd_export}
     try:
         if args.command == "run":
             return _cmd_run(args, make_executor)

@@ -35,6 +35,7 @@ def test_distill_methods_lists_every_method_with_its_keys(capsys):
     for name in ("sre2l", "dwa", "random-real"):
         assert f"{name}: " in out
     assert "recover.dwa.*" in out and "steps = 12" in out and "rho = 0.015" in out
+    assert "import: " in out and "recover.import_set.*" in out  # a keyword as a name: its section is import_set
     assert main(["methods", "nope"]) == 2
 
 

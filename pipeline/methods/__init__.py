@@ -11,6 +11,7 @@ from pipeline.methods import (  # noqa: F401 - importing a method module registe
     dwa,
     forgetting,
     herding,
+    import_set,
     kcenter,
     loss_score,
     random_real,

@@ -79,11 +79,12 @@ class Method:
     # How its paper trains the hard-label student (`train.hard_augment = auto`): "dsa" (DSA, DM, DataDAM train
     # it with DSA augmentation) or "none".
     hard_augment: str = "none"
+    key: str = ""  # its config section's name when the method's name cannot be one (`import`: `import_set`)
 
     @property
     def config_key(self) -> str:
         """The attribute name of its config section (a Python identifier: '-' becomes '_')."""
-        return self.name.replace("-", "_")
+        return self.key or self.name.replace("-", "_")
 
     def config_fields(self) -> list[tuple[str, Any, str]]:
         """(key, default, doc) of each config field."""
@@ -101,7 +102,7 @@ _REGISTRY: dict[str, Method] = {}
 
 def register(name: str, *, description: str, needs: Needs = Needs(), config: type | None = None,
              whole_class: bool = False, default_init: str = "noise",
-             synthesizes: bool = True, hard_augment: str = "none") -> Callable[[Callable[[Any, Any], MethodWorker]], Callable[[Any, Any], MethodWorker]]:
+             synthesizes: bool = True, hard_augment: str = "none", key: str = "") -> Callable[[Callable[[Any, Any], MethodWorker]], Callable[[Any, Any], MethodWorker]]:
     """Decorator on a method's `open(env, cfg)` function: adds the method to the registry under `name`."""
 
     def wrap(open_fn: Callable[[Any, Any], MethodWorker]) -> Callable[[Any, Any], MethodWorker]:
@@ -111,7 +112,7 @@ def register(name: str, *, description: str, needs: Needs = Needs(), config: typ
             raise TypeError(f"recover method '{name}': config must be a dataclass, got {config!r}")
         _REGISTRY[name] = Method(name=name, description=description, needs=needs, open=open_fn, config_cls=config,
                                  whole_class=whole_class, default_init=default_init, synthesizes=synthesizes,
-                                 hard_augment=hard_augment)
+                                 hard_augment=hard_augment, key=key)
         return open_fn
 
     return wrap

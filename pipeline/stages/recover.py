@@ -96,12 +96,37 @@ class RecoverStage(Stage):
             log.warning("recover: class shards of one class make the BN statistics term meaningless")
         if method.needs.teacher or resolved_init(r.method, r.init) in TEACHER_INITS:
             check_file(ctx.path(TEACHER), "teacher weights (run the squeeze stage)")
+        if r.method == "import":
+            from pipeline.methods.import_set import check_folder
+
+            check_folder(r.import_set.path, real_meta(ctx)["classes"], r.ipc)
         if method.needs.bn_teacher:
             from pipeline.models import has_batchnorm
 
             if not has_batchnorm(run_teacher(ctx, torch.device("cpu"))):
                 raise ConfigError(f"teacher '{ctx.config.squeeze.arch}' has no BatchNorm2d layers: recover method "
                                   f"'{r.method}' matches BN statistics and cannot use it")
+
+    def input_changes(self, ctx: RunContext) -> list[str]:
+        """`import`: the classes whose files changed since their unit read them (each record's `import_sha256`)."""
+        r = ctx.config.recover
+        if r.method != "import":
+            return []
+        from pipeline.methods.import_set import class_files, files_digest
+
+        root, changed = Path(r.import_set.path).expanduser(), []
+        for rec in ctx.store.records(self.name):
+            if rec.config_hash != ctx.hashes[self.name] or "import_files" not in rec.metrics:
+                continue
+            used = [root / n for n in rec.metrics["import_files"]]
+            try:  # the same bytes, and still among the first recover.ipc files of their class folder
+                same = all(p.is_file() and p in class_files(root, p.parent.name)[:r.ipc] for p in used)
+                same = same and files_digest(used) == rec.metrics.get("import_sha256")
+            except OSError:
+                same = False
+            if not same:
+                changed.append(f"the imported images of unit {rec.unit} in {root} changed")
+        return changed
 
     def read_stages(self, ctx: RunContext) -> tuple[str, ...]:
         """Squeeze's files (teacher, sample statistics) only when the method or the init may use them."""
@@ -153,6 +178,7 @@ def open_env(ctx: RunContext, device: torch.device) -> Any:
                             holdout=(ctx.config.eval.holdout_fraction, ctx.config.data.shuffle_seed))
         env.stats_loader = lambda: load_sample_stats(ctx, env.real)
     env.loss_score = r.loss_score
+    env.extra["class_names"] = list(real_meta(ctx)["classes"])
     return env
 
 
