@@ -269,7 +269,10 @@ def test_a_sigkilled_driver_leaves_no_ray_process_behind(tmp_path):
                               ("runtime_env/agent/main.py", "RuntimeEnvAgent"))):  # retitled
             time.sleep(0.5)
         before = {pid: _cmdline(pid)[:80] for pid in _marked(driver.token)}
-        seconds, left = driver.gone_after(signal.SIGKILL, limit=15.0)
-        assert left == {}, f"still running {seconds:.0f} s after the driver was SIGKILLed: {left} (of {before})"
+        seconds, left = driver.gone_after(signal.SIGKILL, limit=20.0)
+        wardens = {p: _cmdline(p)[:30] for p in before if "-S -c" in _cmdline(p)}  # alive, if it still runs
+        states = {p: (_stat(p) or ["gone"])[:2] for p in left}  # state and parent of each leftover
+        assert left == {}, (f"still running {seconds:.0f} s after the driver was SIGKILLed: {left} (state, ppid: "
+                            f"{states}; warden alive: {wardens}) of {before}")
     finally:
         driver.stop()

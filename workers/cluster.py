@@ -45,8 +45,9 @@ MARKER_ENV = "DISTILL_RAY_CLUSTER"
 # which can overwrite the environment /proc shows, so the marker alone misses them now and then; and once
 # the raylet is dead they are re-parented, so they must be known before. When the driver is gone (its pid
 # has a new start time or none) or closes the pipe (a deliberate shutdown), it stops every remembered
-# process still alive, plus any marked one: SIGTERM, then SIGKILL for whatever is left. A pid's start time
-# is checked before each signal, so a reused pid is never hit.
+# process still alive, plus any marked one: SIGTERM, then SIGKILL every half second for whatever is left (for
+# up to 30 s: a process stuck in the kernel dies late). A pid's start time is checked before each signal, so
+# a reused pid is never hit.
 _WARDEN = r"""
 import os, select, signal, sys, time
 marker, driver, me = sys.argv[1].encode(), int(sys.argv[2]), os.getpid()
@@ -95,7 +96,9 @@ while born is not None and started(driver) == born:
     ready = select.select([0], [], [], 0.25)[0]
     if ready and not os.read(0, 4096):
         break
-for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0), (signal.SIGKILL, 1.0)):
+deadline = time.monotonic() + 30.0
+sig, grace = signal.SIGTERM, 2.0
+while time.monotonic() < deadline:
     victims = scan()
     if not victims:
         break
@@ -108,6 +111,7 @@ for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0), (signal.SIGKILL
     end = time.monotonic() + grace
     while time.monotonic() < end and any(started(p) == t for p, t in victims.items()):
         time.sleep(0.05)
+    sig, grace = signal.SIGKILL, 0.5  # then SIGKILL, again and again, for whatever is still alive
 """
 
 @dataclass
