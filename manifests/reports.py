@@ -214,12 +214,31 @@ def write_markdown(path: Path, text: str) -> Path:
     return Path(path)
 
 
-def write_plot(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
-    """Top-1 against IPC, one line per method with std error bars; one panel per (dataset, teacher, student)."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(fig: Any, path: Path) -> Path:
+    """Lay out, render to PNG and write `fig` atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def write_plot(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
+    """Top-1 against IPC, one line per method with std error bars; one panel per (dataset, teacher, student)."""
+    plt = _pyplot()
 
     panels: dict[tuple[str, str, str, str], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
@@ -242,21 +261,13 @@ def write_plot(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
         ax.legend(fontsize=8)
     if not panels:
         axes[0][0].text(0.5, 0.5, "no verified run", ha="center", va="center")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buf.getvalue())
-    return Path(path)
+    return _save_figure(fig, Path(path))
 
 
 def write_bytes_plot(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
     """Top-1 against the soft labels' bytes (log scale), one point per (method, IPC) of the kd rows that stored
     soft labels; one panel per (dataset, teacher, student)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     panels: dict[tuple[str, str, str], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
@@ -279,12 +290,7 @@ def write_bytes_plot(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
         ax.legend(fontsize=8)
     if not panels:
         axes[0][0].text(0.5, 0.5, "no run stored soft labels", ha="center", va="center")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(Path(path), buf.getvalue())
-    return Path(path)
+    return _save_figure(fig, Path(path))
 
 
 def write_outputs(out: Path, rows: Sequence[dict[str, Any]], markdown: str) -> list[Path]:

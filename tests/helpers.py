@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,3 +55,34 @@ def clone_run(src: Path, dst: Path) -> Path:
     """Copy a run directory (cheap: the demo is small)."""
     shutil.copytree(src, dst)
     return dst
+
+
+def sigkill_when(cmd: list[str], cwd: Path, done: Callable[[], bool], log_path: Path | None = None,
+                 timeout: float = 180.0) -> None:
+    """Start the driver `cmd`, SIGKILL it as soon as `done()` holds (checked every 20 ms), and reap it.
+
+    Fails when the driver exits first or `done()` does not hold within `timeout` seconds (the driver's output
+    is in `log_path`, when given, for the message)."""
+    import signal
+    import subprocess
+    import time
+
+    out = open(log_path, "wb") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    try:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + timeout
+            while not done():
+                said = log_path.read_text(errors="replace")[-3000:] if log_path is not None else ""
+                assert proc.poll() is None, f"the driver exited ({proc.returncode}) early:\n{said}"
+                assert time.monotonic() < deadline, f"the moment to kill did not come in {timeout:.0f} s:\n{said}"
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+    finally:
+        if log_path is not None:
+            out.close()

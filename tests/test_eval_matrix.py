@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ import torch
 from manifests.store import ManifestStore
 from pipeline.holdout import holdout_count, holdout_rows
 from pipeline.runner import run_pipeline
-from tests.helpers import FAST, clone_run, fast_config
+from tests.helpers import FAST, clone_run, fast_config, sigkill_when
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,20 +134,7 @@ def test_a_tiny_matrix_completes_and_survives_a_killed_driver(teacher_run, tmp_p
     cmd = [sys.executable, "-m", "workers.cli", "run", "--run-dir", str(run_dir), "--no-progress"]
     for o in overrides:
         cmd += ["--set", o]
-    log_path = tmp_path / "driver.out"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while len(_train_records(run_dir)) < 2:
-            assert proc.poll() is None, f"the driver exited ({proc.returncode}) early:\n{log_path.read_text()}"
-            assert time.monotonic() < deadline, f"no cell finished in time:\n{log_path.read_text()}"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
+    sigkill_when(cmd, REPO, lambda: len(_train_records(run_dir)) >= 2, tmp_path / "driver.out", timeout=300)
     done = {p.name: p.read_bytes() for p in _train_records(run_dir)}
     assert 2 <= len(done) < 8
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)

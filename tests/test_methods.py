@@ -12,7 +12,7 @@ from pipeline.cli import main
 from pipeline.methods import base, get_method, registry
 from pipeline.methods.base import MethodOutput, Needs, doc_field
 from pipeline.runner import run_pipeline
-from tests.helpers import clone_run, fast_config
+from tests.helpers import clone_run, fast_config, sigkill_when
 
 
 def test_builtin_methods_declare_needs_configs_and_inits():
@@ -160,10 +160,7 @@ def test_every_method_runs_end_to_end_to_a_summary(teacher_run, tmp_path, method
 def test_a_matching_unit_killed_mid_stage_reruns_to_the_same_bytes(teacher_run, tmp_path):
     """DM units (whole class shards) after a SIGKILL of the driver: the finished unit is kept, the killed one is
     redone, and every output equals a clean run's."""
-    import signal
-    import subprocess
     import sys
-    import time
     from pathlib import Path
 
     from tests.helpers import FAST
@@ -176,18 +173,7 @@ def test_a_matching_unit_killed_mid_stage_reruns_to_the_same_bytes(teacher_run, 
     for o in [*FAST, *sets]:
         cmd += ["--set", o]
     units = run_dir / "manifests" / "recover"
-    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 180
-        while not list(units.glob("c*.json")):
-            assert proc.poll() is None and time.monotonic() < deadline, "no unit finished before the driver ended"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
+    sigkill_when(cmd, Path(__file__).resolve().parents[1], lambda: bool(list(units.glob("c*.json"))))
     assert len(list(units.glob("c*.json"))) == 1, "the kill came too late to leave a unit undone"
     run_pipeline(fast_config(*sets), run_dir, stages=["recover"], progress=False)
     got = {r.unit: [(o.uri, o.sha256) for o in r.outputs] for r in ManifestStore(run_dir).records("recover")}

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import signal
-import subprocess
 import sys
 import tarfile
 import threading
@@ -30,7 +28,7 @@ from pipeline.data.synthetic import decode_rgb, synthetic_index
 from pipeline.runner import open_context, run_pipeline
 from pipeline.stages.base import RunContext
 from pipeline.stages.recover import STAGE, RecoverWorker, class_shards, unit_key
-from tests.helpers import FAST, clone_run, fast_config
+from tests.helpers import FAST, clone_run, fast_config, sigkill_when
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES, IPC, PER_SHARD = 10, 2, 5
@@ -333,21 +331,7 @@ def test_driver_killed_mid_stage_then_rerun_runs_only_missing_units(teacher_run,
            "--no-progress"]
     for o in [*FAST, RESUME_ITERS]:
         cmd += ["--set", o]
-    log_path = tmp_path / "driver.out"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while not _unit_records(run_dir):
-            assert proc.poll() is None, f"the driver exited ({proc.returncode}) early:\n{log_path.read_text()}"
-            assert time.monotonic() < deadline, f"no unit finished in time:\n{log_path.read_text()}"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    sigkill_when(cmd, REPO, lambda: bool(_unit_records(run_dir)), tmp_path / "driver.out", timeout=120)
 
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in _unit_records(run_dir)}
     assert 1 <= len(before) < len(UNITS), f"kill came too late to leave work undone: {sorted(before)}"
