@@ -165,9 +165,12 @@ class BNStatsHook:
                 )
         self._terms: dict[int, Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.active = True  # False: the hooks stay registered but compute nothing (other forwards of the teacher)
 
     def _make_hook(self, index: int):  # noqa: ANN202 - torch hook signature
         def hook(module: nn.BatchNorm2d, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if not self.active:
+                return
             with torch.autocast(device_type=inputs[0].device.type, enabled=False):
                 x = inputs[0].float()
                 var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
@@ -208,6 +211,51 @@ class BNStatsHook:
             total = t if total is None else total + t
         assert total is not None
         return total
+
+
+class TeacherObjective:
+    """The teacher's part of one recover iteration: forward of an augmented batch, CE and the BN-statistics loss.
+
+    `objective(xa, targets)` returns (ce, bn), both float32 scalars; the loss is ce + r_bn * bn. The BN hooks
+    are registered once, for the object's life (`close()` removes them), and compute only inside a call, so
+    other forwards of the teacher (DWA's ascent steps, feature passes) do not pay for them.
+
+    `compile=True` wraps the call in `torch.compile` (static shapes): one compilation per batch shape and
+    teacher, reused by every batch of the worker that owns the object. Parameters are inputs of the compiled
+    graph, not constants, so DWA's in-place perturbation is seen. The compiled kernels fuse the memory-bound
+    work around the convolutions (the BN statistics, BN, ReLU, pooling): about 2x per iteration for the
+    ConvNet at 32 px on CPU, for a compilation of 20-40 s; its float results differ from eager in rounding
+    only (`tests/test_synthesis.py` states the tolerance).
+    """
+
+    def __init__(self, teacher: nn.Module, r_var: float, first_bn_multiplier: float,
+                 autocast_dtype: torch.dtype | None = None, compile: bool = False) -> None:
+        self.teacher = teacher
+        self.first_bn_multiplier = float(first_bn_multiplier)
+        self.autocast_dtype = autocast_dtype
+        self.hook = BNStatsHook(teacher, r_var=r_var)  # raises early if the teacher has no BatchNorm2d
+        self.hook.__enter__()
+        self.hook.active = False
+        self.compiled = bool(compile)
+        self._fn = torch.compile(self._forward, dynamic=False) if compile else self._forward
+
+    def _forward(self, xa: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.autocast(device_type=xa.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            logits = self.teacher(xa)
+        ce = F.cross_entropy(logits.float(), targets)
+        return ce, self.hook.loss(self.first_bn_multiplier)
+
+    def __call__(self, xa: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        self.hook.active = True
+        try:
+            return self._fn(xa, targets)
+        finally:
+            self.hook.active = False
+            self.hook._terms.clear()
+
+    def close(self) -> None:
+        self.hook.__exit__(None, None, None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,6 +418,7 @@ def synthesize_batch(
     std: Sequence[float] = IMAGENET_STD,
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    objective: TeacherObjective | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Optimize one batch of synthetic images against `teacher` (SRe2L recover; DWA when `dwa_batch`).
 
@@ -378,6 +427,10 @@ def synthesize_batch(
     `dwa_perturb` (with `dwa`, default `DWAParams()`) and the clean parameters are restored in all cases. The
     teacher's values, buffers, module modes and requires_grad flags are as before on return, and no `.grad`
     is set.
+
+    `objective`: a `TeacherObjective` of this teacher to reuse (a worker keeps one, compiled or not, for all
+    its batches; its own r_var, first_bn_multiplier and autocast dtype then apply); default: an eager one made
+    for this call from `params` and `autocast_dtype`.
 
     Returns (images denormalized to [0, 1], float32, detached, on init's device;
     {"ce", "bn", "total"}: per-iteration losses [iterations] on the same device, detached, plus, with DWA,
@@ -389,7 +442,11 @@ def synthesize_batch(
         raise ValueError(f"targets must be [B] with B = {init.shape[0]}, got shape {tuple(targets.shape)}")
     if dwa is not None and dwa_batch is None:
         raise ValueError("DWAParams given without dwa_batch (real images for the weight perturbation)")
-    hook = BNStatsHook(teacher, r_var=params.r_var)  # raises early if the teacher has no BatchNorm2d
+    own = objective is None
+    if objective is None:
+        objective = TeacherObjective(teacher, params.r_var, params.first_bn_multiplier, autocast_dtype)
+    elif objective.teacher is not teacher:
+        raise ValueError("the objective was made for another teacher")
 
     device = init.device
     use_channels_last = channels_last and device.type == "cuda"
@@ -415,20 +472,13 @@ def synthesize_batch(
         x.requires_grad_(True)
         opt = torch.optim.Adam([x], lr=params.lr, betas=params.betas)
         out_size = (int(x.shape[-2]), int(x.shape[-1]))
-        with torch.enable_grad(), hook:
+        with torch.enable_grad():
             for it in range(iters):
                 lr = cosine_lr(params.lr, it, iters)
                 for group in opt.param_groups:
                     group["lr"] = lr
                 xa = augment_batch(x, gen, out_size, params.crop_scale, params.jitter, params.flip, params.crop)
-                with torch.autocast(
-                    device_type=device.type,
-                    dtype=autocast_dtype or torch.bfloat16,
-                    enabled=autocast_dtype is not None,
-                ):
-                    logits = teacher(xa)
-                ce = F.cross_entropy(logits.float(), targets)
-                bn = hook.loss(params.first_bn_multiplier)
+                ce, bn = objective(xa, targets)
                 loss = ce + params.r_bn * bn
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -439,6 +489,8 @@ def synthesize_batch(
                 hist["bn"][it] = bn.detach()
                 hist["total"][it] = loss.detach()
     finally:
+        if own:
+            objective.close()
         if saved is not None:
             restore_parameters(teacher, saved)
         for p, f in zip(plist, flags, strict=True):

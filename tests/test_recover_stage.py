@@ -457,3 +457,33 @@ def test_ray_kill_of_an_actor_mid_stage_retries_and_matches_clean_run(ray_cluste
     assert _stage_metrics(run_dir)["ran"] == 4
     # the retried unit's bytes equal an uninterrupted local run's
     assert _outputs(run_dir) == _outputs(runs("dwa", "recover.method=dwa"))
+
+
+# ------------------------------------------------------------------------------------------ recover.compile
+
+
+@pytest.mark.slow
+def test_compile_on_is_recorded_and_a_failed_compile_under_auto_gives_the_eager_bytes(runs, teacher_run, tmp_path,
+                                                                                      monkeypatch, caplog):
+    """recover.compile=on runs the compiled objective (recorded per unit); under auto, a unit big enough to compile
+    whose compile fails logs it once and gives exactly the bytes of compile=off (the batch is redone from the
+    same generator state)."""
+    on = _recover(teacher_run, tmp_path / "on", "recover.compile=on").run_dir
+    assert all(r.metrics["compiled"] is True for r in ManifestStore(on).records("recover"))
+    off = runs("dwa-off", "recover.compile=off")
+    assert not any(r.metrics["compiled"] for r in ManifestStore(off).records("recover"))
+
+    import pipeline.methods.sre2l as sre2l
+
+    def broken(fn, **_):
+        def call(*args, **kwargs):
+            raise RuntimeError("no C++ compiler (test)")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(sre2l, "AUTO_COMPILE_MIN", 1)  # the FAST units (4 iterations) qualify for auto
+    with caplog.at_level("WARNING"):
+        auto = _recover(teacher_run, tmp_path / "auto", "recover.compile=auto").run_dir
+    assert "torch.compile failed (RuntimeError: no C++ compiler (test)); running eagerly" in caplog.text
+    assert _outputs(auto) == _outputs(off)
+    assert not any(r.metrics["compiled"] for r in ManifestStore(auto).records("recover"))

@@ -11,6 +11,7 @@ from torch import nn
 
 from pipeline.models import build_model
 from pipeline.synthesis import (
+    TeacherObjective,
     IMAGENET_MEAN,
     IMAGENET_STD,
     BNStatsHook,
@@ -429,3 +430,78 @@ def test_augment_without_crop_is_a_pure_roll_as_the_official_cifar_recover() -> 
     for seed in range(10):
         out = augment_batch(x, _gen(seed), 8, (0.08, 1.0), 2, flip=False, crop=False)
         assert any(torch.equal(out, torch.roll(x, (dy, dx), (2, 3))) for dy in range(3) for dx in range(3))
+
+
+# --------------------------------------------------------------------------------------------------
+# The compiled objective (recover.compile)
+
+
+@pytest.mark.slow
+def test_the_compiled_objective_matches_eager_within_tolerance_follows_weight_changes_and_repeats(
+        teacher: nn.Module) -> None:
+    """torch.compile of the teacher's forward + losses: the same images as eager up to float rounding (stated
+    tolerance: after 40 iterations, mean |diff| <= 1e-4 and max |diff| <= 0.02 in [0, 1] pixels, per-iteration
+    losses within 1e-4 relative), the same bytes from a second compiled objective, and the compiled graph reads
+    the teacher's current weights (DWA perturbs them in place after compilation)."""
+    targets = torch.arange(NUM_CLASSES)
+    init = init_images("noise", NUM_CLASSES, RES, _gen(0))
+    params = _params(40)
+    before = _state(teacher)
+    compiled = TeacherObjective(teacher, params.r_var, params.first_bn_multiplier, compile=True)
+    again = TeacherObjective(teacher, params.r_var, params.first_bn_multiplier, compile=True)
+    try:
+        eager_img, eager_hist = synthesize_batch(teacher, targets, init, params, _gen(3))
+        comp_img, comp_hist = synthesize_batch(teacher, targets, init, params, _gen(3), objective=compiled)
+        again_img, _ = synthesize_batch(teacher, targets, init, params, _gen(3), objective=again)
+        assert torch.equal(comp_img, again_img)
+        assert not torch.equal(comp_img, torch.zeros_like(comp_img))
+        diff = (comp_img - eager_img).abs()
+        assert float(diff.mean()) <= 1e-4 and float(diff.max()) <= 0.02, (float(diff.mean()), float(diff.max()))
+        torch.testing.assert_close(comp_hist["total"], eager_hist["total"], rtol=1e-4, atol=1e-5)
+        # DWA: the perturbed teacher is what the compiled graph runs, as in eager.
+        dwa = DWAParams(steps=2, rho=0.5)
+        subset = _real_subset(4, seed=9)
+        dwa_eager, _ = synthesize_batch(teacher, targets, init, _params(5), _gen(7), dwa_batch=subset, dwa=dwa)
+        dwa_comp, _ = synthesize_batch(teacher, targets, init, _params(5), _gen(7), dwa_batch=subset, dwa=dwa,
+                                       objective=compiled)
+        plain_comp, _ = synthesize_batch(teacher, targets, init, _params(5), _gen(7), objective=compiled)
+        assert float((dwa_comp - dwa_eager).abs().max()) < float((dwa_comp - plain_comp).abs().max())
+        # A weight changed in place after compilation changes the compiled objective's loss as it does eager's.
+        x = normalize(torch.rand(NUM_CLASSES, 3, RES, RES, generator=_gen(5)))
+        first = next(teacher.parameters())
+        with torch.no_grad():
+            first.mul_(1.5)
+            ce_c, bn_c = compiled(x, targets)
+            eager = TeacherObjective(teacher, params.r_var, params.first_bn_multiplier)
+            ce_e, bn_e = eager(x, targets)
+            eager.close()
+            first.copy_(before[next(iter(teacher.state_dict()))])
+        torch.testing.assert_close(ce_c, ce_e, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(bn_c, bn_e, rtol=1e-4, atol=1e-5)
+    finally:
+        compiled.close()
+        again.close()
+    _assert_bitwise_equal(teacher, before)
+
+
+def test_an_objective_computes_its_bn_terms_only_inside_its_calls(teacher: nn.Module) -> None:
+    """The hooks stay registered for the objective's life but compute nothing on other forwards (DWA's ascent
+    steps, feature passes), and `close` removes them."""
+    obj = TeacherObjective(teacher, 1.0, 10.0)
+    try:
+        x = normalize(torch.rand(4, 3, RES, RES, generator=_gen(1)))
+        with torch.no_grad():
+            teacher(x)
+            assert obj.hook._terms == {}
+            ce, bn = obj(x, torch.arange(4))
+        assert float(bn) > 0 and obj.hook._terms == {}
+        hooks = sum(len(m._forward_hooks) for m in teacher.modules())
+        assert hooks == len(obj.hook._bns)
+    finally:
+        obj.close()
+    assert sum(len(m._forward_hooks) for m in teacher.modules()) == 0
+    other = TeacherObjective(teacher, 1, 1)
+    with pytest.raises(ValueError, match="another teacher"):
+        synthesize_batch(build_model("convnet", NUM_CLASSES, RES).eval(), torch.arange(2),
+                         torch.zeros(2, 3, RES, RES), _params(1), _gen(0), objective=other)
+    other.close()

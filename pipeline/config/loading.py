@@ -34,6 +34,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "recover.init": ("auto", "real", "noise", "real-correct", "real-herding", "real-k-center", "real-forgetting",
                      "real-loss-score"),
     "recover.amp": ("bf16", "none"),
+    "recover.compile": ("auto", "on", "off"),
     "relabel.mode": ("stored", "online"),
     "train.mix": ("cutmix", "mixup", "none"),
     "train.protocol": ("kd", "hard"),
@@ -93,6 +94,8 @@ def _coerce(key: str, value: Any, expected: Any) -> Any:
             return float(value.strip())
         except ValueError:
             pass
+    if expected is str and isinstance(value, bool) and key in _CHOICES and "on" in _CHOICES[key]:
+        return "on" if value else "off"  # YAML 1.1 reads on / off as booleans
     if origin is list:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"config key '{key}': expected a list, got {value!r} ({type(value).__name__})")

@@ -98,6 +98,9 @@ class RecoverCommon:
                            "together take all IPC in one unit)")
     amp: str = _f("bf16", "bf16 | none: autocast on GPU (CPU is always fp32)")
     channels_last: bool = _f(True, "channels_last memory format on GPU")
+    compile: str = _f("auto", "auto | on | off: torch.compile SRe2L/DWA's teacher forward and losses (auto: on "
+                      "for units of at least 1000 batch-iterations, where the 20-40 s compile is repaid; a "
+                      "failed compile falls back to eager with a warning under auto, stops the unit under on)")
 
 
 def _recover_config() -> type:

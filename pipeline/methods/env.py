@@ -44,6 +44,7 @@ class RecoverEnv:
     init: str = "noise"  # initial images: noise | one of INIT_KINDS (`recover.init`, auto resolved by the method)
     amp: torch.dtype | None = None  # autocast dtype on GPU, None = fp32
     channels_last: bool = False
+    compile: str = "off"  # `recover.compile`: auto | on | off (SRe2L / DWA's teacher objective)
     teacher: torch.nn.Module | None = None
     real: RealPool | None = None
     extra: dict[str, Any] = field(default_factory=dict)

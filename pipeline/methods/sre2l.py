@@ -8,10 +8,13 @@ compute is `pipeline.synthesis.synthesize_batch`; this file only maps the config
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline.methods.base import MethodOutput, Needs, doc_field, register
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,17 +47,59 @@ class Sre2lConfig:
             raise ValueError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
 
 
+AUTO_COMPILE_MIN = 1000
+"""`recover.compile=auto` compiles for a unit of at least this many batch-iterations (iterations x IPC batches):
+measured on 2 CPU cores (ConvNet, 32 px) the compile costs 20-40 s and saves about 40 ms per batch-iteration,
+so it pays from roughly 500-1000 of them; the demo's units (300 x 5) are above, the tests' tiny units below."""
+
+
+def wants_compile(mode: str, iterations: int, batches: int) -> bool:
+    """Whether a unit of `batches` synthesis batches of `iterations` each runs the compiled objective."""
+    return mode == "on" or (mode == "auto" and iterations * batches >= AUTO_COMPILE_MIN)
+
+
 class SynthesisWorker:
-    """Runs `synthesize_batch` for each IPC index of a unit; with `dwa` settings, DWA's perturbation first."""
+    """Runs `synthesize_batch` for each IPC index of a unit; with `dwa` settings, DWA's perturbation first.
+
+    It keeps one `TeacherObjective` (compiled or eager) for all the units it runs, so a worker compiles once
+    per batch shape; under `recover.compile=auto` a compile that fails (no C++ compiler, an unsupported model)
+    is logged once and the worker goes on eagerly, redoing the batch from the same generator state."""
 
     def __init__(self, env: Any, cfg: Sre2lConfig, dwa: Any = None) -> None:
         self.env, self.cfg, self.dwa = env, cfg, dwa
+        self._objectives: dict[bool, Any] = {}
+        self._compile_failed = False
+
+    def objective(self, compiled: bool) -> Any:
+        from pipeline.synthesis import TeacherObjective
+
+        if compiled not in self._objectives:
+            self._objectives[compiled] = TeacherObjective(self.env.teacher, self.cfg.r_var,
+                                                          self.cfg.first_bn_multiplier, self.env.amp,
+                                                          compile=compiled)
+        return self._objectives[compiled]
+
+    def _synthesize(self, compiled: bool, gen: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any, bool]:
+        from pipeline.synthesis import synthesize_batch
+
+        if compiled and not self._compile_failed:
+            state = gen.get_state()
+            try:
+                return (*synthesize_batch(*args, gen=gen, objective=self.objective(True), **kwargs), True)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back under auto
+                if self.env.compile == "on":
+                    raise
+                log.warning("recover.compile=auto: torch.compile failed (%s: %s); running eagerly",
+                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                self._compile_failed = True
+                gen.set_state(state)
+        return (*synthesize_batch(*args, gen=gen, objective=self.objective(False), **kwargs), False)
 
     def run(self, classes: range, ipc: range, gen: Any, unit_key: str) -> MethodOutput:
         import numpy as np
         import torch
 
-        from pipeline.synthesis import DWAParams, RecoverParams, init_images, synthesize_batch
+        from pipeline.synthesis import DWAParams, RecoverParams, init_images
 
         env, c = self.env, self.cfg
         params = RecoverParams(iterations=c.iterations, lr=c.lr, r_bn=c.r_bn, r_var=c.r_var,
@@ -64,15 +109,18 @@ class SynthesisWorker:
         out = MethodOutput(images=[], classes=[], ipc_index=[])
         finals: list[dict[str, float]] = []
         radius: list[torch.Tensor] = []
+        compiled = wants_compile(getattr(env, "compile", "off"), c.iterations, len(ipc))
+        compiled_batches = 0
         for j in ipc:
             real = env.init_batch(classes, j) if env.init.startswith("real") else None
             init = init_images("real" if real is not None else env.init, len(targets), env.resolution, gen,
                                real=real, device=env.device)
             subset = self.dwa.subset(env, classes, unit_key, j) if self.dwa is not None else None
-            images, hist = synthesize_batch(
-                env.teacher, targets, init, params, gen, dwa_batch=subset,
+            images, hist, was_compiled = self._synthesize(
+                compiled, gen, env.teacher, targets, init, params, dwa_batch=subset,
                 dwa=DWAParams(steps=self.dwa.steps, rho=self.dwa.rho) if subset is not None else None,
                 mean=env.mean, std=env.std, autocast_dtype=env.amp, channels_last=env.channels_last)
+            compiled_batches += int(was_compiled)
             if "dwa_delta_norm" in hist:
                 radius.append(hist.pop("dwa_delta_norm"))
             tail = max(1, c.iterations // 20)
@@ -84,6 +132,7 @@ class SynthesisWorker:
                 out.classes.append(cls)
                 out.ipc_index.append(j)
         out.metrics["image_iterations"] = len(out.images) * c.iterations
+        out.metrics["compiled"] = bool(compiled_batches) and compiled_batches == len(ipc)
         if radius and self.dwa.rho > 0:
             # Achieved ||delta|| / rho, mean over the unit's batches (official code: about 0.995).
             out.metrics["dwa_radius_ratio"] = round(float(torch.cat(radius).mean()) / self.dwa.rho, 6)
