@@ -11,12 +11,12 @@ from torch import nn
 
 from pipeline.models import build_model
 from pipeline.synthesis import (
-    TeacherObjective,
     IMAGENET_MEAN,
     IMAGENET_STD,
     BNStatsHook,
     DWAParams,
     RecoverParams,
+    TeacherObjective,
     augment_batch,
     clamp_to_image_,
     cosine_lr,
