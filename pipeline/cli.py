@@ -78,7 +78,21 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", help="the run directory (its recover stage must be complete)")
     e.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
     e.add_argument("--force", action="store_true", help="replace a non-empty --out")
+
+    b = sub.add_parser("bench", help="throughput of recover (every method), relabel, student training and the "
+                       "loaders against a plain fp32 eager baseline, with ratios and peak memory",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    from pipeline.bench import parser as bench_parser
+
+    bench_parser(b)
+    b.epilog = _bench_doc()
     return p
+
+
+def _bench_doc() -> str:
+    from pipeline import bench
+
+    return bench.__doc__ or ""
 
 
 def _cmd_run(args: argparse.Namespace, make_executor: ExecutorFactory | None = None) -> int:
@@ -177,6 +191,13 @@ def _cmd_collect(args: argparse.Namespace) -> int:
     return collect_main(args.runs, args.out)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from pipeline.bench import run_bench
+
+    run_bench(args)
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from pipeline.export import export_run
 
@@ -195,7 +216,7 @@ def main(argv: list[str] | None = None, make_executor: ExecutorFactory | None = 
     from pipeline.runner import StageFailed
 
     handlers = {"run": _cmd_run, "status": _cmd_status, "recipes": _cmd_recipes, "methods": _cmd_methods,
-                "collect": _cmd_collect, "export": _cmd_export}
+                "collect": _cmd_collect, "export": _cmd_export, "bench": _cmd_bench}
     try:
         if args.command == "run":
             return _cmd_run(args, make_executor)

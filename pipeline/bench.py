@@ -1,0 +1,396 @@
+"""`distill bench`: throughput of the project's recover, relabel, student and loader paths against a plain baseline.
+
+Every row times two implementations of the same work in the same process, alternating them (`--rounds` pairs,
+the median of each side), so the ratio holds on a loaded machine where the absolute figures do not:
+
+- the *baseline* is the plain loop, the shape of the official code: fp32, one batch at a time, eager PyTorch
+  (no autocast, no channels_last, no torch.compile);
+- *optimized* is what the pipeline runs with its defaults on that device: on CPU the compiled SRe2L/DWA
+  objective (`recover.compile`); on CUDA also bf16 autocast and channels_last (`recover.amp`,
+  `recover.channels_last`, `train.amp`). Where no speed feature applies (the matching methods on CPU, the
+  PIL loader) both sides run the same code and the ratio is about 1: that is a figure too.
+
+Rows (`what`, `unit`): recover/<method> image-iterations/s (images of a batch x iterations; DC/DSA: images x
+outer steps), relabel views/s (views rendered and put through the teacher), train images/s (views rendered,
+student forward + backward + step under the KD loss), loader/pil and loader/dali images/s over the bundled
+digits' shards. One-off costs (compilation) are timed apart (`setup_s`) and folded into `ratio_per_unit`:
+the ratio over one unit of `--unit-iterations` batch-iterations (default 1500, a demo recover unit: 300
+iterations x 5 batches) including them. Peak memory is CUDA's `max_memory_allocated` per row, or on CPU the
+process's peak RSS so far (a lifetime high-water mark, so an upper bound that never falls between rows).
+Inputs are random tensors of the real shapes: throughput does not depend on the values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+RECOVER_METHODS = ("sre2l", "dwa", "dm", "datadam", "dc", "dsa")
+ALL = ("recover", "relabel", "train", "loader")
+
+
+@dataclass
+class Row:
+    what: str
+    unit: str
+    baseline: float | None
+    optimized: float | None
+    ratio: float | None
+    peak_memory_bytes: int | None
+    setup_s: float = 0.0  # one-off cost of the optimized side (compilation), not in `optimized`
+    ratio_per_unit: float | None = None  # over one unit of work, the one-off cost included
+    note: str = ""
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _pair(base: Callable[[], float], opt: Callable[[], float], rounds: int, device: torch.device
+          ) -> tuple[float, float]:
+    """Median throughput of each side over `rounds` alternating calls; each call returns the work it did."""
+    b, o = [], []
+    for _ in range(rounds):
+        for fn, out in ((base, b), (opt, o)):
+            _sync(device)
+            t0 = time.perf_counter()
+            work = fn()
+            _sync(device)
+            out.append(work / (time.perf_counter() - t0))
+    return statistics.median(b), statistics.median(o)
+
+
+def _row(what: str, unit: str, base: float, opt: float, device: torch.device, *, setup_s: float = 0.0,
+         unit_work: float | None = None, note: str = "") -> Row:
+    per_unit = None
+    if unit_work:
+        per_unit = round((unit_work / base) / (setup_s + unit_work / opt), 3)
+    return Row(what, unit, round(base, 2), round(opt, 2), round(opt / base, 3), _peak_memory(device),
+               round(setup_s, 2), per_unit, note)
+
+
+def _teacher(arch: str, classes: int, resolution: int, device: torch.device) -> torch.nn.Module:
+    from pipeline.models import build_model
+
+    model = build_model(arch, classes, resolution).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # running statistics away from (0, 1), as a trained teacher's are
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
+
+
+def bench_recover_synthesis(method: str, a: argparse.Namespace, device: torch.device) -> Row:
+    """SRe2L / DWA: the eager fp32 loop against the compiled objective (+ bf16, channels_last on CUDA)."""
+
+    from pipeline.synthesis import DWAParams, RecoverParams, TeacherObjective, synthesize_batch
+
+    teacher = _teacher(a.model, a.classes, a.resolution, device)
+    n = a.batch
+    targets = torch.arange(n, device=device) % a.classes
+    gen = torch.Generator().manual_seed(1)
+    init = torch.randn(n, 3, a.resolution, a.resolution, generator=gen).to(device)
+    params = RecoverParams(iterations=a.iterations, jitter=4 if a.resolution <= 64 else 32)
+    dwa = dict(dwa_batch=(torch.randn(n, 3, a.resolution, a.resolution, generator=gen).to(device), targets),
+               dwa=DWAParams(steps=12)) if method == "dwa" else {}
+    cuda = device.type == "cuda"
+    amp = torch.bfloat16 if cuda else None
+    opt_teacher = _teacher(a.model, a.classes, a.resolution, device)
+    if cuda:
+        opt_teacher = opt_teacher.to(memory_format=torch.channels_last)
+    objective = TeacherObjective(opt_teacher, params.r_var, params.first_bn_multiplier, amp, compile=not a.no_compile)
+    opt_init = init.contiguous(memory_format=torch.channels_last) if cuda else init
+
+    def base() -> float:
+        synthesize_batch(teacher, targets, init, params, torch.Generator().manual_seed(2), **dwa)
+        return n * a.iterations
+
+    def opt() -> float:
+        synthesize_batch(opt_teacher, targets, opt_init, params, torch.Generator().manual_seed(2), **dwa,
+                         autocast_dtype=amp, channels_last=cuda, objective=objective)
+        return n * a.iterations
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    one = RecoverParams(iterations=1, jitter=params.jitter)  # the first call compiles
+    synthesize_batch(opt_teacher, targets, opt_init, one, torch.Generator().manual_seed(2), **dwa,
+                     autocast_dtype=amp, channels_last=cuda, objective=objective)
+    _sync(device)
+    setup = time.perf_counter() - t0
+    b, o = _pair(base, opt, a.rounds, device)
+    objective.close()
+    feats = ([] if a.no_compile else ["compile"]) + (["bf16", "channels_last"] if cuda else [])
+    return _row(f"recover/{method}", "image-iterations/s", b, o, device, setup_s=setup,
+                unit_work=a.unit_iterations * n, note="optimized: " + (", ".join(feats) or "nothing (--no-compile)"))
+
+
+def bench_recover_matching(method: str, a: argparse.Namespace, device: torch.device) -> Row:
+    """DM / DataDAM / DC / DSA with their official defaults but few iterations; bf16 autocast (DM, DataDAM) is the
+    only speed feature, on CUDA, so on CPU both sides are the same loop."""
+
+    from pipeline.matching import (
+        AttentionSpec,
+        DistributionMatching,
+        GradientMatching,
+        NetSpec,
+        RealImages,
+        dc_loops,
+        distribution_matching,
+        gradient_matching,
+    )
+
+    classes, ipc = a.classes, 1
+    g = torch.Generator().manual_seed(3)
+    real = RealImages([torch.randint(0, 256, (64, 3, a.resolution, a.resolution), dtype=torch.uint8,
+                                     generator=g).to(device) for _ in range(classes)], (0.5,) * 3, (0.25,) * 3)
+    spec = NetSpec(num_classes=classes, resolution=a.resolution)
+    syn = torch.randn(classes * ipc, 3, a.resolution, a.resolution, generator=g).to(device)
+    cuda = device.type == "cuda"
+    iters = max(1, a.iterations // 10)  # a DM / DataDAM iteration is a whole class-by-class pass
+    if method in ("dm", "datadam"):
+        cfg = DistributionMatching(iterations=iters, batch_real=32,
+                                   attention=AttentionSpec() if method == "datadam" else None)
+
+        def run(amp: torch.dtype | None) -> float:
+            distribution_matching(syn, ipc, real, spec, torch.Generator().manual_seed(4), cfg, amp=amp)
+            return classes * ipc * iters
+
+        fns = (lambda: run(None), lambda: run(torch.bfloat16 if cuda else None))
+        note = "optimized: bf16" if cuda else "no speed feature on CPU: both sides are the same loop"
+    else:
+        outer, inner = dc_loops(ipc)
+        cfg = GradientMatching(iterations=1, outer_loop=outer, inner_loop=inner, batch_real=32, batch_train=64,
+                               strategy="color_crop_cutout_flip_scale_rotate" if method == "dsa" else None)
+
+        def run_gm() -> float:
+            gradient_matching(syn, ipc, real, spec, torch.Generator().manual_seed(4), cfg)
+            return classes * ipc * outer
+
+        fns = (run_gm, run_gm)
+        note = "fp32 second-order loop on every device: both sides are the same loop"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    b, o = _pair(*fns, a.rounds, device)
+    return _row(f"recover/{method}", "image-iterations/s", b, o, device, note=note)
+
+
+def _views(a: argparse.Namespace, images: torch.Tensor, ids: list[int], epoch: int) -> torch.Tensor:
+    from pipeline.augment import ViewConfig
+    from pipeline.student import render_views
+
+    return render_views(images, ids, 0, epoch, ViewConfig(resolution=a.resolution), (0.5,) * 3, (0.25,) * 3)
+
+
+def bench_relabel(a: argparse.Namespace, device: torch.device) -> Row:
+    """Views rendered on the host then the teacher's logits: fp32 eager against inference mode (+ bf16 and
+    channels_last on CUDA)."""
+    teacher = _teacher(a.model, a.classes, a.resolution, device)
+    images = torch.randint(0, 256, (max(a.student_batch, 64), 3, a.resolution, a.resolution), dtype=torch.uint8)
+    ids = list(range(a.student_batch))
+    cuda = device.type == "cuda"
+    opt_teacher = teacher.to(memory_format=torch.channels_last) if cuda else teacher
+
+    def base() -> float:
+        with torch.no_grad():
+            for e in range(a.iterations):
+                teacher(_views(a, images, ids, e).to(device)).float().cpu()
+        return a.iterations * len(ids)
+
+    def opt() -> float:
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=cuda):
+            for e in range(a.iterations):
+                v = _views(a, images, ids, e).to(device, non_blocking=True)
+                opt_teacher(v.contiguous(memory_format=torch.channels_last) if cuda else v).float().cpu()
+        return a.iterations * len(ids)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    b, o = _pair(base, opt, a.rounds, device)
+    return _row("relabel", "views/s", b, o, device,
+                note="optimized: inference mode, bf16, channels_last" if cuda else "optimized: inference mode")
+
+
+def bench_train(a: argparse.Namespace, device: torch.device) -> Row:
+    """One student step per batch: views rendered, forward, KD loss against soft targets, backward, AdamW."""
+    import torch.nn.functional as F
+
+    from pipeline.models import build_model
+    from pipeline.softlabels.targets import kd_loss
+
+    images = torch.randint(0, 256, (max(a.student_batch, 64), 3, a.resolution, a.resolution), dtype=torch.uint8)
+    ids = list(range(a.student_batch))
+    targets = F.softmax(torch.randn(len(ids), a.classes), dim=1).to(device)
+    cuda = device.type == "cuda"
+
+    def make(channels_last: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        s = build_model(a.model, a.classes, a.resolution).to(device).train()
+        if channels_last:
+            s = s.to(memory_format=torch.channels_last)
+        return s, torch.optim.AdamW(s.parameters(), lr=1e-3)
+
+    plain, plain_opt = make(False)
+    fast, fast_opt = make(cuda)
+
+    def step(model: torch.nn.Module, optim: torch.optim.Optimizer, amp: bool, cl: bool) -> float:
+        for e in range(a.iterations):
+            v = _views(a, images, ids, e).to(device)
+            if cl:
+                v = v.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+                loss = kd_loss(model(v).float(), targets, 20.0)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+        return a.iterations * len(ids)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    b, o = _pair(lambda: step(plain, plain_opt, False, False), lambda: step(fast, fast_opt, cuda, cuda), a.rounds,
+                 device)
+    return _row("train", "images/s", b, o, device, note="optimized: bf16, channels_last" if cuda else
+                "no speed feature on CPU: both sides are the same step")
+
+
+def bench_loaders(a: argparse.Namespace, device: torch.device) -> list[Row]:
+    """The training loaders over the bundled digits' train shards (ingested into a temporary run directory)."""
+    from pipeline.data.loaders import dali_available, make_loader
+    from pipeline.recipes import load_config
+    from pipeline.runner import run_pipeline
+
+    with tempfile.TemporaryDirectory(prefix="distill-bench-") as tmp:
+        cfg = load_config("demo", overrides=["executor.kind=local", "data.num_workers=0"])
+        ctx = run_pipeline(cfg, Path(tmp) / "run", stages=["ingest"], progress=False)
+        meta = json.loads((ctx.run_dir / "real" / "classes.json").read_text())
+        shards = [ctx.run_dir / "real" / f"{n}.tar" for n in meta["shards"]["train"]]
+        batches = max(4, a.iterations)
+
+        def read(backend: str) -> Callable[[], float]:
+            def go() -> float:
+                loader = make_loader(shards, backend=backend, train=True, batch_size=a.student_batch,
+                                     resolution=cfg.data.resolution, num_workers=a.loader_workers, device=device,
+                                     num_samples=meta["counts"]["train"] if "counts" in meta else None)
+                seen = 0
+                for i, (x, _) in enumerate(loader):
+                    seen += len(x)
+                    if i + 1 >= batches:
+                        break
+                return seen
+            return go
+
+        pil = read("pil")
+        b, o = _pair(pil, pil, a.rounds, device)
+        rows = [_row("loader/pil", "images/s", b, o, device, note="the baseline loader: both sides are PIL")]
+        if dali_available():
+            b, o = _pair(pil, read("dali"), a.rounds, device)
+            rows.append(_row("loader/dali", "images/s", b, o, device, note="baseline: PIL"))
+        else:
+            rows.append(Row("loader/dali", "images/s", round(b, 2), None, None, None,
+                            note="NVIDIA DALI is not installed (pip install nvidia-dali-cuda120): not measured"))
+    return rows
+
+
+def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="distill bench")
+    p.description = __doc__.split("\n\n")[0]
+    p.add_argument("--device", default="auto", help="cpu | cuda | auto (cuda when available)")
+    p.add_argument("--what", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
+    p.add_argument("--methods", default=",".join(RECOVER_METHODS), help="recover methods to time")
+    p.add_argument("--model", default="convnet", help="teacher and student architecture (any `build_model` name)")
+    p.add_argument("--resolution", type=int, default=32, help="image side in pixels")
+    p.add_argument("--classes", type=int, default=10, help="classes (logits) of the models")
+    p.add_argument("--batch", type=int, default=10, help="recover batch: one image per class of a unit")
+    p.add_argument("--student-batch", type=int, default=64, help="relabel / student / loader batch")
+    p.add_argument("--iterations", type=int, default=20, help="timed iterations (batches) per call")
+    p.add_argument("--rounds", type=int, default=3, help="alternating baseline / optimized calls per side")
+    p.add_argument("--unit-iterations", type=int, default=1500,
+                   help="batch-iterations of one unit for `ratio_per_unit` (demo: 300 iterations x 5 batches)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1 = what a recover unit uses: `recover` runs one-thread units)")
+    p.add_argument("--loader-workers", type=int, default=0, help="loader worker processes")
+    p.add_argument("--no-compile", action="store_true", help="leave torch.compile out of the optimized side")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the rows as a JSON list")
+    return p
+
+
+def run_bench(a: argparse.Namespace, echo: Callable[[str], None] = print) -> list[Row]:
+    from pipeline.config import ConfigError
+    from pipeline.seeding import torch_threads
+
+    if a.device == "auto":
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("distill bench: --device cuda, but torch sees no CUDA device")
+    device = torch.device(a.device)
+    what = [w for w in a.what.split(",") if w]
+    bad = sorted(set(what) - set(ALL)) + sorted(set(a.methods.split(",")) - set(RECOVER_METHODS) - {""})
+    if bad:
+        raise ConfigError(f"distill bench: unknown {', '.join(bad)}; --what takes {', '.join(ALL)}, --methods "
+                         f"{', '.join(RECOVER_METHODS)}")
+    rows: list[Row] = []
+    echo(f"distill bench on {device} ({torch.get_num_threads() if device.type == 'cpu' else ''} threads -> "
+         f"{a.threads}), {a.model} at {a.resolution} px, recover batch {a.batch}, student batch {a.student_batch}, "
+         f"{a.iterations} iterations x {a.rounds} rounds per side")
+    echo(f"{'what':<16} {'unit':<19} {'baseline':>10} {'optimized':>10} {'ratio':>6} {'setup s':>8} "
+         f"{'per unit':>8} {'peak MiB':>9}  note")
+    with torch_threads(a.threads):
+        jobs: list[Callable[[], Row | list[Row]]] = []
+        if "recover" in what:
+            for m in [m for m in a.methods.split(",") if m]:
+                fn = bench_recover_synthesis if m in ("sre2l", "dwa") else bench_recover_matching
+                jobs.append(lambda m=m, fn=fn: fn(m, a, device))
+        if "relabel" in what:
+            jobs.append(lambda: bench_relabel(a, device))
+        if "train" in what:
+            jobs.append(lambda: bench_train(a, device))
+        if "loader" in what:
+            jobs.append(lambda: bench_loaders(a, device))
+        for job in jobs:
+            out = job()
+            for r in out if isinstance(out, list) else [out]:
+                rows.append(r)
+                echo(_fmt(r))
+    if a.json:
+        from manifests.store import atomic_write_bytes
+
+        atomic_write_bytes(Path(a.json), json.dumps([asdict(r) for r in rows], indent=1).encode())
+        echo(f"rows written to {a.json}")
+    return rows
+
+
+def _fmt(r: Row) -> str:
+    def num(v: float | None, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    mib = "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.0f}"
+    return (f"{r.what:<16} {r.unit:<19} {num(r.baseline, '10.1f')} {num(r.optimized, '10.1f')} "
+            f"{num(r.ratio, '6.2f')} {r.setup_s:8.1f} {num(r.ratio_per_unit, '8.2f')} {mib:>9}  {r.note}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    run_bench(parser().parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
