@@ -9,6 +9,7 @@ images; the clean teacher is always restored.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -237,6 +238,8 @@ class TeacherObjective:
         self.hook.__enter__()
         self.hook.active = False
         self.compiled = bool(compile)
+        if compile:  # inductor's C++ toolchain probe warns about CUDA_HOME on every CPU-only machine
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         self._fn = torch.compile(self._forward, dynamic=False) if compile else self._forward
 
     def _forward(self, xa: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
