@@ -84,7 +84,7 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, x_all: torch
     if epoch == spec.epochs // 2 and epoch > 0:
         opt.state.clear()  # the official loop makes a new SGD here: momentum restarts with the lower lr
     model.train()
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # on the device: no host sync per step
     for b, ids in enumerate(epoch_order(len(x_all), spec.batch_size, seed, epoch)):
         x = x_all[ids].to(device)
         y = labels[ids].to(device)
@@ -94,9 +94,9 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, x_all: torch
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        total[0] += float(loss.detach()) * len(ids)
+        total[0] += loss.detach().double() * len(ids)
         total[1] += len(ids)
-    return total
+    return total.cpu()
 
 
 def train_hard(job: StudentJob) -> dict[str, Any]:
