@@ -101,7 +101,6 @@ def _teacher(arch: str, classes: int, resolution: int, device: torch.device) -> 
 
 def bench_recover_synthesis(method: str, a: argparse.Namespace, device: torch.device) -> Row:
     """SRe2L / DWA: the eager fp32 loop against the compiled objective (+ bf16, channels_last on CUDA)."""
-
     from pipeline.synthesis import DWAParams, RecoverParams, TeacherObjective, synthesize_batch
 
     teacher = _teacher(a.model, a.classes, a.resolution, device)
@@ -147,7 +146,6 @@ def bench_recover_synthesis(method: str, a: argparse.Namespace, device: torch.de
 def bench_recover_matching(method: str, a: argparse.Namespace, device: torch.device) -> Row:
     """DM / DataDAM / DC / DSA with their official defaults but few iterations; bf16 autocast (DM, DataDAM) is the
     only speed feature, on CUDA, so on CPU both sides are the same loop."""
-
     from pipeline.matching import (
         AttentionSpec,
         DistributionMatching,
@@ -208,7 +206,9 @@ def bench_relabel(a: argparse.Namespace, device: torch.device) -> Row:
     images = torch.randint(0, 256, (max(a.student_batch, 64), 3, a.resolution, a.resolution), dtype=torch.uint8)
     ids = list(range(a.student_batch))
     cuda = device.type == "cuda"
-    opt_teacher = teacher.to(memory_format=torch.channels_last) if cuda else teacher
+    # Module.to converts in place: the optimized side gets its own copy, so the baseline stays contiguous.
+    opt_teacher = _teacher(a.model, a.classes, a.resolution, device).to(memory_format=torch.channels_last) \
+        if cuda else teacher
 
     def base() -> float:
         with torch.no_grad():
@@ -289,7 +289,7 @@ def bench_loaders(a: argparse.Namespace, device: torch.device) -> list[Row]:
             def go() -> float:
                 loader = make_loader(shards, backend=backend, train=True, batch_size=a.student_batch,
                                      resolution=cfg.data.resolution, num_workers=a.loader_workers, device=device,
-                                     num_samples=meta["counts"]["train"] if "counts" in meta else None)
+                                     num_samples=meta["counts"]["train"])
                 seen = 0
                 for i, (x, _) in enumerate(loader):
                     seen += len(x)
@@ -313,6 +313,7 @@ def bench_loaders(a: argparse.Namespace, device: torch.device) -> list[Row]:
 def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(prog="distill bench")
     p.description = __doc__.split("\n\n")[0]
+    p.epilog = __doc__
     p.add_argument("--device", default="auto", help="cpu | cuda | auto (cuda when available)")
     p.add_argument("--what", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}")
     p.add_argument("--methods", default=",".join(RECOVER_METHODS), help="recover methods to time")

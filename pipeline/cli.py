@@ -85,14 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     from pipeline.bench import parser as bench_parser
 
     bench_parser(b)
-    b.epilog = _bench_doc()
     return p
-
-
-def _bench_doc() -> str:
-    from pipeline import bench
-
-    return bench.__doc__ or ""
 
 
 def _cmd_run(args: argparse.Namespace, make_executor: ExecutorFactory | None = None) -> int:

@@ -237,7 +237,6 @@ class TeacherObjective:
         self.hook = BNStatsHook(teacher, r_var=r_var)  # raises early if the teacher has no BatchNorm2d
         self.hook.__enter__()
         self.hook.active = False
-        self.compiled = bool(compile)
         if compile:  # inductor's C++ toolchain probe warns about CUDA_HOME on every CPU-only machine
             logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         self._fn = torch.compile(self._forward, dynamic=False) if compile else self._forward

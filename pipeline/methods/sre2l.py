@@ -109,7 +109,7 @@ class SynthesisWorker:
         out = MethodOutput(images=[], classes=[], ipc_index=[])
         finals: list[dict[str, float]] = []
         radius: list[torch.Tensor] = []
-        compiled = wants_compile(getattr(env, "compile", "off"), c.iterations, len(ipc))
+        compiled = wants_compile(env.compile, c.iterations, len(ipc))
         compiled_batches = 0
         for j in ipc:
             real = env.init_batch(classes, j) if env.init.startswith("real") else None
