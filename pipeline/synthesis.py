@@ -167,6 +167,9 @@ class BNStatsHook:
         self._terms: dict[int, Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.active = True  # False: the hooks stay registered but compute nothing (other forwards of the teacher)
+        # > 1: the forward holds this many batches of equal size, one after the other; each term is then [groups],
+        # the statistics of each batch alone (what that batch would give in a forward of its own).
+        self.groups = 1
 
     def _make_hook(self, index: int):  # noqa: ANN202 - torch hook signature
         def hook(module: nn.BatchNorm2d, inputs: tuple[Tensor, ...], output: Tensor) -> None:
@@ -174,9 +177,14 @@ class BNStatsHook:
                 return
             with torch.autocast(device_type=inputs[0].device.type, enabled=False):
                 x = inputs[0].float()
-                var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
-                term = torch.linalg.vector_norm(mean - module.running_mean.float()) + self.r_var * (
-                    torch.linalg.vector_norm(var - module.running_var.float())
+                if self.groups == 1:
+                    var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+                    dims: int | tuple[int, ...] | None = None
+                else:  # [G * B, C, H, W] -> per batch: mean, var [G, C]
+                    var, mean = torch.var_mean(x.unflatten(0, (self.groups, -1)), dim=(1, 3, 4), correction=0)
+                    dims = -1
+                term = torch.linalg.vector_norm(mean - module.running_mean.float(), dim=dims) + self.r_var * (
+                    torch.linalg.vector_norm(var - module.running_var.float(), dim=dims)
                 )
             self._terms[index] = term
 
@@ -217,7 +225,12 @@ class BNStatsHook:
 class TeacherObjective:
     """The teacher's part of one recover iteration: forward of an augmented batch, CE and the BN-statistics loss.
 
-    `objective(xa, targets)` returns (ce, bn), both float32 scalars; the loss is ce + r_bn * bn. The BN hooks
+    `objective(xa, targets)` returns (ce, bn), both float32 scalars; the loss is ce + r_bn * bn. With
+    `groups` = G > 1 the batch is G batches of equal size one after the other, and ce and bn are [G]: each
+    batch's CE mean and BN-statistics term computed on its rows alone. The teacher runs in eval mode (BN
+    normalizes with its running statistics), so a row's logits do not depend on the other rows of the forward,
+    and sum(ce + r_bn * bn) has, for each batch's pixels, the gradient that batch has in a forward of its own.
+    The BN hooks
     are registered once, for the object's life (`close()` removes them), and compute only inside a call, so
     other forwards of the teacher (DWA's ascent steps, feature passes) do not pay for them.
 
@@ -230,13 +243,17 @@ class TeacherObjective:
     """
 
     def __init__(self, teacher: nn.Module, r_var: float, first_bn_multiplier: float,
-                 autocast_dtype: torch.dtype | None = None, compile: bool = False) -> None:
+                 autocast_dtype: torch.dtype | None = None, compile: bool = False, groups: int = 1) -> None:
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"groups must be an int >= 1, got {groups!r}")
         self.teacher = teacher
         self.first_bn_multiplier = float(first_bn_multiplier)
         self.autocast_dtype = autocast_dtype
+        self.groups = groups
         self.hook = BNStatsHook(teacher, r_var=r_var)  # raises early if the teacher has no BatchNorm2d
         self.hook.__enter__()
         self.hook.active = False
+        self.hook.groups = groups
         if compile:  # inductor's C++ toolchain probe warns about CUDA_HOME on every CPU-only machine
             logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         self._fn = torch.compile(self._forward, dynamic=False) if compile else self._forward
@@ -245,10 +262,15 @@ class TeacherObjective:
         with torch.autocast(device_type=xa.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
             logits = self.teacher(xa)
-        ce = F.cross_entropy(logits.float(), targets)
+        if self.groups == 1:
+            ce = F.cross_entropy(logits.float(), targets)
+        else:  # each batch's own mean
+            ce = F.cross_entropy(logits.float(), targets, reduction="none").unflatten(0, (self.groups, -1)).mean(1)
         return ce, self.hook.loss(self.first_bn_multiplier)
 
     def __call__(self, xa: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        if xa.shape[0] % self.groups:
+            raise ValueError(f"a batch of {xa.shape[0]} images does not split into {self.groups} equal batches")
         self.hook.active = True
         try:
             return self._fn(xa, targets)
@@ -282,6 +304,57 @@ def _crop_params(
     return int(top), int(left), int(h), int(w)
 
 
+@dataclass(frozen=True)
+class AugDraw:
+    """One iteration's augmentation of a batch: crop box (top, left, h, w) in pixels, flip, roll (dy, dx)."""
+
+    top: int
+    left: int
+    h: int
+    w: int
+    flip: bool
+    dy: int
+    dx: int
+
+
+def draw_augment(
+    gen: torch.Generator,
+    height: int,
+    width: int,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    jitter: int = 32,
+    flip: bool = True,
+    crop: bool = True,
+) -> AugDraw:
+    """The random part of `augment_batch`: draws from `gen` in its order (crop, flip, dy, dx), nothing else.
+
+    Drawing depends only on `gen`, never on the images, so a batch's draws for all its iterations can be made
+    before it is optimized (`synthesize_batch(draws=...)`, several batches in one forward)."""
+    if gen.device.type != "cpu":
+        raise ValueError(f"augment_batch needs a CPU torch.Generator, got one on {gen.device}")
+    top, left, h, w = (_crop_params(gen, height, width, crop_scale, (3.0 / 4.0, 4.0 / 3.0)) if crop
+                       else (0, 0, height, width))
+    flipped = bool(flip and _uniform(gen, 0.0, 1.0) < 0.5)
+    dy = dx = 0
+    if jitter > 0:
+        dy = _randint_inclusive(gen, 0, jitter)
+        dx = _randint_inclusive(gen, 0, jitter)
+    return AugDraw(top, left, h, w, flipped, dy, dx)
+
+
+def apply_augment(x: Tensor, d: AugDraw, out_size: int | tuple[int, int]) -> Tensor:
+    """The deterministic part of `augment_batch`: crop `d`'s box, resize bilinearly to `out_size`, flip, roll."""
+    size = (out_size, out_size) if isinstance(out_size, int) else (int(out_size[0]), int(out_size[1]))
+    out = x[:, :, d.top : d.top + d.h, d.left : d.left + d.w]
+    if (d.h, d.w) != size:
+        out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+    if d.flip:
+        out = out.flip(-1)
+    if d.dy or d.dx:
+        out = torch.roll(out, shifts=(d.dy, d.dx), dims=(2, 3))
+    return out
+
+
 def augment_batch(
     x: Tensor,
     gen: torch.Generator,
@@ -299,26 +372,13 @@ def augment_batch(
     the result is differentiable w.r.t. `x`; the flip has probability 0.5 (if `flip`); the roll shifts by
     (dy, dx), each uniform in [0, jitter] (one-sided, as the official SRe2L / DWA code's
     `random.randint(0, jitter)`; the roll wraps around, so a shift of s equals one of s - H the other way).
-    All randomness comes from `gen`, a CPU generator.
+    All randomness comes from `gen`, a CPU generator (`draw_augment`; `apply_augment` does the rest).
     """
     if gen.device.type != "cpu":
         raise ValueError(f"augment_batch needs a CPU torch.Generator, got one on {gen.device}")
     if x.dim() != 4:
         raise ValueError(f"expected images [N, C, H, W], got shape {tuple(x.shape)}")
-    size = (out_size, out_size) if isinstance(out_size, int) else (int(out_size[0]), int(out_size[1]))
-    height, width = x.shape[-2], x.shape[-1]
-    top, left, h, w = (_crop_params(gen, height, width, crop_scale, (3.0 / 4.0, 4.0 / 3.0)) if crop
-                       else (0, 0, height, width))
-    out = x[:, :, top : top + h, left : left + w]
-    if (h, w) != size:
-        out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
-    if flip and _uniform(gen, 0.0, 1.0) < 0.5:
-        out = out.flip(-1)
-    if jitter > 0:
-        dy = _randint_inclusive(gen, 0, jitter)
-        dx = _randint_inclusive(gen, 0, jitter)
-        out = torch.roll(out, shifts=(dy, dx), dims=(2, 3))
-    return out
+    return apply_augment(x, draw_augment(gen, x.shape[-2], x.shape[-1], crop_scale, jitter, flip, crop), out_size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -421,6 +481,7 @@ def synthesize_batch(
     autocast_dtype: torch.dtype | None = None,
     channels_last: bool = False,
     objective: TeacherObjective | None = None,
+    draws: Sequence[Sequence[AugDraw]] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Optimize one batch of synthetic images against `teacher` (SRe2L recover; DWA when `dwa_batch`).
 
@@ -434,9 +495,16 @@ def synthesize_batch(
     its batches; its own r_var, first_bn_multiplier and autocast dtype then apply); default: an eager one made
     for this call from `params` and `autocast_dtype`.
 
+    `draws`: G lists of `iterations` augmentations made beforehand (`draw_augment`), one list per batch: `init`
+    and `targets` are then G batches of equal size one after the other, optimized in one forward each
+    iteration, batch g augmented by draws[g][it] and scored on its own rows (the objective's `groups` must be
+    G). Nothing is drawn from `gen`. Each batch's result is the one it gets optimized alone with the same
+    draws, up to float rounding (`tests/test_synthesis.py` states the tolerance). DWA perturbs the teacher for
+    one batch, so it takes a single group.
+
     Returns (images denormalized to [0, 1], float32, detached, on init's device;
-    {"ce", "bn", "total"}: per-iteration losses [iterations] on the same device, detached, plus, with DWA,
-    "dwa_delta_norm": [1], the L2 norm of the parameter perturbation that was used).
+    {"ce", "bn", "total"}: per-iteration losses [iterations] ([iterations, G] with `draws`) on the same device,
+    detached, plus, with DWA, "dwa_delta_norm": [1], the L2 norm of the parameter perturbation that was used).
     """
     if init.dim() != 4 or init.shape[1] != len(mean):
         raise ValueError(f"init must be [B, {len(mean)}, H, W], got shape {tuple(init.shape)}")
@@ -444,11 +512,25 @@ def synthesize_batch(
         raise ValueError(f"targets must be [B] with B = {init.shape[0]}, got shape {tuple(targets.shape)}")
     if dwa is not None and dwa_batch is None:
         raise ValueError("DWAParams given without dwa_batch (real images for the weight perturbation)")
+    groups = 1
+    if draws is not None:
+        groups = len(draws)
+        if groups < 1 or init.shape[0] % groups:
+            raise ValueError(f"{groups} lists of draws for a batch of {init.shape[0]} images: they must split it "
+                             "into equal batches")
+        if any(len(d) != params.iterations for d in draws):
+            raise ValueError(f"each batch needs one draw per iteration ({params.iterations}), got "
+                             f"{[len(d) for d in draws]}")
+        if groups > 1 and dwa_batch is not None:
+            raise ValueError("DWA perturbs the teacher for one batch: it cannot share a forward with others")
     own = objective is None
     if objective is None:
-        objective = TeacherObjective(teacher, params.r_var, params.first_bn_multiplier, autocast_dtype)
+        objective = TeacherObjective(teacher, params.r_var, params.first_bn_multiplier, autocast_dtype,
+                                     groups=groups)
     elif objective.teacher is not teacher:
         raise ValueError("the objective was made for another teacher")
+    elif objective.groups != groups:
+        raise ValueError(f"the objective scores {objective.groups} batches per forward, the call has {groups}")
 
     device = init.device
     use_channels_last = channels_last and device.type == "cuda"
@@ -457,7 +539,8 @@ def synthesize_batch(
     modes = _module_modes(teacher)
     saved: list[Tensor] | None = None
     iters = params.iterations
-    hist = {k: torch.zeros(iters, device=device, dtype=torch.float32) for k in ("ce", "bn", "total")}
+    shape = (iters,) if draws is None else (iters, groups)
+    hist = {k: torch.zeros(shape, device=device, dtype=torch.float32) for k in ("ce", "bn", "total")}
     try:
         teacher.eval()
         if use_channels_last:
@@ -479,11 +562,18 @@ def synthesize_batch(
                 lr = cosine_lr(params.lr, it, iters)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                xa = augment_batch(x, gen, out_size, params.crop_scale, params.jitter, params.flip, params.crop)
+                if draws is None:
+                    xa = augment_batch(x, gen, out_size, params.crop_scale, params.jitter, params.flip,
+                                       params.crop)
+                elif groups == 1:
+                    xa = apply_augment(x, draws[0][it], out_size)
+                else:
+                    xa = torch.cat([apply_augment(part, d[it], out_size)
+                                    for part, d in zip(x.chunk(groups), draws, strict=True)])
                 ce, bn = objective(xa, targets)
                 loss = ce + params.r_bn * bn
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss.sum() if groups > 1 else loss).backward()
                 opt.step()
                 with torch.no_grad():
                     clamp_to_image_(x, mean, std)

@@ -487,3 +487,44 @@ def test_compile_on_is_recorded_and_a_failed_compile_under_auto_gives_the_eager_
     assert "torch.compile failed (RuntimeError: no C++ compiler (test)); running eagerly" in caplog.text
     assert _outputs(auto) == _outputs(off)
     assert not any(r.metrics["compiled"] for r in ManifestStore(auto).records("recover"))
+
+
+# ------------------------------------------------------------------------------ recover.batches_per_forward
+
+
+@pytest.mark.slow
+def test_sre2l_batches_sharing_a_forward_match_one_batch_per_forward_and_halve_when_memory_runs_out(
+        teacher_run, tmp_path, monkeypatch, caplog):
+    """recover.batches_per_forward=2 optimizes a unit's two IPC batches in one teacher forward, each with its own CE
+    and BN statistics and the draws it has alone: the pixels match one batch per forward (to one level of 255,
+    float rounding) and repeat to the same bytes. A merged forward that runs out of memory is halved and redone,
+    which gives exactly the bytes of one batch per forward (nothing is drawn again)."""
+    common = ("recover.method=sre2l", "recover.ipc=2", "recover.ipc_per_unit=2", "recover.sre2l.iterations=6")
+    one = _recover(teacher_run, tmp_path / "one", *common, "recover.batches_per_forward=1").run_dir
+    two = _recover(teacher_run, tmp_path / "two", *common, "recover.batches_per_forward=2").run_dir
+    again = _recover(teacher_run, tmp_path / "again", *common, "recover.batches_per_forward=2").run_dir
+    assert _outputs(two) == _outputs(again)
+    assert {r.metrics["batches_per_forward"] for r in ManifestStore(two).records("recover")} == {2}
+    assert {r.metrics["batches_per_forward"] for r in ManifestStore(one).records("recover")} == {1}
+    (a, ca), (b, cb) = _synthetic(one), _synthetic(two)
+    assert ca == cb and len(ca) == 10 * 2
+    diffs = [np.abs(decode_rgb(a.raw(i)).astype(int) - decode_rgb(b.raw(i)).astype(int)).max() for i in range(len(ca))]
+    assert max(diffs) <= 1, diffs
+    auto = _recover(teacher_run, tmp_path / "auto", *common).run_dir  # auto on a CPU: one batch per forward
+    assert _outputs(auto) == _outputs(one)
+
+    import pipeline.synthesis as synthesis
+
+    real = synthesis.synthesize_batch
+
+    def small_memory(*args, draws=None, **kwargs):
+        if draws is not None and len(draws) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return real(*args, draws=draws, **kwargs)
+
+    monkeypatch.setattr(synthesis, "synthesize_batch", small_memory)
+    with caplog.at_level("WARNING"):
+        halved = _recover(teacher_run, tmp_path / "halved", *common, "recover.batches_per_forward=2").run_dir
+    assert "2 batches in one forward ran out of GPU memory; going on with 1" in caplog.text
+    assert _outputs(halved) == _outputs(one)
+    assert {r.metrics["batches_per_forward"] for r in ManifestStore(halved).records("recover")} == {1}

@@ -17,10 +17,12 @@ from pipeline.synthesis import (
     DWAParams,
     RecoverParams,
     TeacherObjective,
+    apply_augment,
     augment_batch,
     clamp_to_image_,
     cosine_lr,
     denormalize,
+    draw_augment,
     dwa_perturb,
     init_images,
     normalize,
@@ -505,3 +507,75 @@ def test_an_objective_computes_its_bn_terms_only_inside_its_calls(teacher: nn.Mo
         synthesize_batch(build_model("convnet", NUM_CLASSES, RES).eval(), torch.arange(2),
                          torch.zeros(2, 3, RES, RES), _params(1), _gen(0), objective=other)
     other.close()
+
+
+def test_drawing_then_applying_an_augmentation_is_augment_batch() -> None:
+    x = torch.rand(3, 3, RES, RES, generator=_gen(5))
+    for seed in range(6):
+        d = draw_augment(_gen(seed), RES, RES, (0.08, 1.0), 4, True, True)
+        assert torch.equal(apply_augment(x, d, RES), augment_batch(x, _gen(seed), RES, (0.08, 1.0), 4, True))
+    g, ref = _gen(9), _gen(9)
+    draw_augment(g, RES, RES, (0.08, 1.0), 4, True, True)
+    augment_batch(x, ref, RES, (0.08, 1.0), 4, True)
+    assert torch.equal(g.get_state(), ref.get_state())  # same number of draws
+
+
+def test_several_batches_in_one_forward_give_each_batch_its_own_result(teacher: nn.Module) -> None:
+    """G batches in one forward (each with its own CE mean and BN statistics) against each batch optimized alone
+    with the same draws: the same images and losses up to float rounding. The BN statistics are per batch: a
+    batch whose statistics were pooled with the others' would move differently."""
+    params, groups = _params(12), 3
+    targets = torch.arange(NUM_CLASSES)
+    gen = _gen(4)
+    inits, draws = [], []
+    for _ in range(groups):
+        inits.append(init_images("noise", NUM_CLASSES, RES, gen))
+        draws.append([draw_augment(gen, RES, RES, params.crop_scale, params.jitter, params.flip, params.crop)
+                      for _ in range(params.iterations)])
+    merged, hist = synthesize_batch(teacher, targets.repeat(groups), torch.cat(inits), params, _gen(0),
+                                    draws=draws)
+    assert merged.shape == (groups * NUM_CLASSES, 3, RES, RES)
+    assert all(v.shape == (params.iterations, groups) for v in hist.values())
+    for g in range(groups):
+        alone, h = synthesize_batch(teacher, targets, inits[g], params, _gen(0), draws=[draws[g]])
+        part = merged[g * NUM_CLASSES:(g + 1) * NUM_CLASSES]
+        assert (part - alone).abs().max() <= 1e-4, g
+        for k in ("ce", "bn", "total"):
+            assert torch.allclose(hist[k][:, g], h[k][:, 0], rtol=1e-4, atol=1e-6), (g, k)
+    # the batches differ (their own inits and draws), so agreement above is not the same batch three times
+    assert (merged[:NUM_CLASSES] - merged[NUM_CLASSES:2 * NUM_CLASSES]).abs().mean() > 0.05
+    # pooled statistics (one group over all the rows) give other images
+    obj = TeacherObjective(teacher, params.r_var, params.first_bn_multiplier, groups=1)
+    xa = torch.cat(inits)
+    with torch.no_grad():
+        _, bn_pooled = obj(xa, targets.repeat(groups))
+    obj.close()
+    obj3 = TeacherObjective(teacher, params.r_var, params.first_bn_multiplier, groups=groups)
+    with torch.no_grad():
+        ce3, bn3 = obj3(xa, targets.repeat(groups))
+    obj3.close()
+    assert ce3.shape == bn3.shape == (groups,) and not torch.allclose(bn3.sum(), bn_pooled)
+    for g in range(groups):
+        one = TeacherObjective(teacher, params.r_var, params.first_bn_multiplier)
+        with torch.no_grad():
+            ce1, bn1 = one(inits[g], targets)
+        one.close()
+        assert torch.allclose(bn3[g], bn1, rtol=1e-5) and torch.allclose(ce3[g], ce1, rtol=1e-5)
+
+
+def test_merged_batches_reject_what_they_cannot_do(teacher: nn.Module) -> None:
+    params = _params(2)
+    d = [draw_augment(_gen(0), RES, RES, params.crop_scale, params.jitter, params.flip, params.crop)] * 2
+    init = torch.zeros(2 * NUM_CLASSES, 3, RES, RES)
+    targets = torch.arange(NUM_CLASSES).repeat(2)
+    with pytest.raises(ValueError, match="one perturbation|cannot share"):
+        synthesize_batch(teacher, targets, init, params, _gen(0), draws=[d, d],
+                         dwa_batch=_real_batches(1, 4, 0)[0])
+    with pytest.raises(ValueError, match="one draw per iteration"):
+        synthesize_batch(teacher, targets, init, params, _gen(0), draws=[d, d[:1]])
+    with pytest.raises(ValueError, match="equal batches"):
+        synthesize_batch(teacher, targets[:7], init[:7], params, _gen(0), draws=[d, d])
+    obj = TeacherObjective(teacher, 1.0, 10.0)
+    with pytest.raises(ValueError, match="scores 1 batches per forward"):
+        synthesize_batch(teacher, targets, init, params, _gen(0), draws=[d, d], objective=obj)
+    obj.close()

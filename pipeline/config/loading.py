@@ -38,6 +38,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "relabel.mode": ("stored", "online"),
     "train.mix": ("cutmix", "mixup", "none"),
     "train.protocol": ("kd", "hard"),
+    "train.views_on_device": ("auto", "on", "off"),
     "train.hard_augment": ("auto", "dsa", "none"),
     "executor.kind": ("auto", "local", "ray"),
     "eval.select": ("final", "best-holdout"),
@@ -56,7 +57,7 @@ _POSITIVE = (
 # Counts where 0 has a meaning ("auto", "all", "never") but a negative value has none.
 _NON_NEGATIVE = (
     "squeeze.weight_decay", "train.weight_decay", "train.hard_weight_decay", "train.hard_epochs",
-    "recover.classes_per_shard", "relabel.top_k", "eval.every", "eval.full_real_epochs",
+    "recover.classes_per_shard", "recover.batches_per_forward", "relabel.top_k", "eval.every", "eval.full_real_epochs",
     "data.num_workers", "squeeze.workers", "train.workers", "executor.num_workers", "executor.num_cpus",
 )
 

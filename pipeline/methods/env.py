@@ -45,6 +45,7 @@ class RecoverEnv:
     amp: torch.dtype | None = None  # autocast dtype on GPU, None = fp32
     channels_last: bool = False
     compile: str = "off"  # `recover.compile`: auto | on | off (SRe2L / DWA's teacher objective)
+    batches_per_forward: int = 1  # `recover.batches_per_forward` (0 = auto; SRe2L only)
     teacher: torch.nn.Module | None = None
     real: RealPool | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -58,6 +58,24 @@ def wants_compile(mode: str, iterations: int, batches: int) -> bool:
     return mode == "on" or (mode == "auto" and iterations * batches >= AUTO_COMPILE_MIN)
 
 
+AUTO_FORWARD_IMAGES = 1024
+"""`recover.batches_per_forward=0` (auto) on a GPU: as many of a unit's batches per forward as keep it at most
+this many images (10 batches of 100 classes; a batch of more classes stays alone). On a CPU auto is 1: measured
+on 2 cores (ConvNet, 32 px, forward and backward), 5 batches of 10 in one forward ran 1.03x and 10 batches of
+100 0.89x the separate batches, so merging only pays where small batches leave a GPU idle. If the merged
+forward runs out of GPU memory, the group is halved and redone (nothing is drawn again, so the result is the
+same) and the worker keeps the smaller size."""
+
+
+def forward_groups(setting: int, device_type: str, batch: int, batches: int, dwa: bool) -> int:
+    """How many of a unit's `batches` synthesis batches (of `batch` images each) share one forward."""
+    if dwa:  # one weight perturbation per batch: the batches cannot share a teacher
+        return 1
+    if setting == 0:
+        setting = max(1, AUTO_FORWARD_IMAGES // max(1, batch)) if device_type == "cuda" else 1
+    return max(1, min(setting, batches))
+
+
 class SynthesisWorker:
     """Runs `synthesize_batch` for each IPC index of a unit; with `dwa` settings, DWA's perturbation first.
 
@@ -67,36 +85,61 @@ class SynthesisWorker:
 
     def __init__(self, env: Any, cfg: Sre2lConfig, dwa: Any = None) -> None:
         self.env, self.cfg, self.dwa = env, cfg, dwa
-        self._objectives: dict[bool, Any] = {}
+        self._objectives: dict[tuple[bool, int], Any] = {}
         self._compile_failed = False
+        self._max_groups: int | None = None  # lowered when a merged forward ran out of GPU memory
 
-    def objective(self, compiled: bool) -> Any:
+    def objective(self, compiled: bool, groups: int = 1) -> Any:
         from pipeline.synthesis import TeacherObjective
 
-        if compiled not in self._objectives:
-            self._objectives[compiled] = TeacherObjective(self.env.teacher, self.cfg.r_var,
-                                                          self.cfg.first_bn_multiplier, self.env.amp,
-                                                          compile=compiled)
-        return self._objectives[compiled]
+        if (compiled, groups) not in self._objectives:
+            self._objectives[compiled, groups] = TeacherObjective(self.env.teacher, self.cfg.r_var,
+                                                                  self.cfg.first_bn_multiplier, self.env.amp,
+                                                                  compile=compiled, groups=groups)
+        return self._objectives[compiled, groups]
 
     def _synthesize(self, compiled: bool, gen: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any, bool]:
         from pipeline.synthesis import synthesize_batch
 
+        groups = len(kwargs["draws"]) if kwargs.get("draws") is not None else 1
         if compiled and not self._compile_failed:
             state = gen.get_state()
             try:
-                return (*synthesize_batch(*args, gen=gen, objective=self.objective(True), **kwargs), True)
+                return (*synthesize_batch(*args, gen=gen, objective=self.objective(True, groups), **kwargs), True)
             except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back under auto
-                if self.env.compile == "on":
+                if self.env.compile == "on" or _is_oom(exc):
                     raise
                 log.warning("recover.compile=auto: torch.compile failed (%s: %s); running eagerly",
                             type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
                 self._compile_failed = True
                 gen.set_state(state)
-        return (*synthesize_batch(*args, gen=gen, objective=self.objective(False), **kwargs), False)
+        return (*synthesize_batch(*args, gen=gen, objective=self.objective(False, groups), **kwargs), False)
+
+    def _synthesize_merged(self, compiled: bool, gen: Any, targets: Any, inits: list[Any], draws: list[Any],
+                           params: Any) -> tuple[Any, Any, bool]:
+        """Batches `inits` (with their `draws`) in one forward; out of GPU memory: halves, each in its own."""
+        import torch
+
+        env = self.env
+        try:
+            return self._synthesize(compiled, gen, env.teacher, targets.repeat(len(inits)), torch.cat(inits),
+                                    params, draws=draws, mean=env.mean, std=env.std, autocast_dtype=env.amp,
+                                    channels_last=env.channels_last)
+        except Exception as exc:
+            if not _is_oom(exc) or len(inits) == 1:
+                raise
+            half = len(inits) // 2
+            self._max_groups = half
+            log.warning("recover.batches_per_forward: %d batches in one forward ran out of GPU memory; "
+                        "going on with %d", len(inits), half)
+            if env.device.type == "cuda":
+                torch.cuda.empty_cache()
+            a = self._synthesize_merged(compiled, gen, targets, inits[:half], draws[:half], params)
+            b = self._synthesize_merged(compiled, gen, targets, inits[half:], draws[half:], params)
+            hist = {k: torch.cat([a[1][k], b[1][k]], dim=1) for k in a[1]}
+            return torch.cat([a[0], b[0]]), hist, a[2] and b[2]
 
     def run(self, classes: range, ipc: range, gen: Any, unit_key: str) -> MethodOutput:
-        import numpy as np
         import torch
 
         from pipeline.synthesis import DWAParams, RecoverParams, init_images
@@ -111,6 +154,12 @@ class SynthesisWorker:
         radius: list[torch.Tensor] = []
         compiled = wants_compile(env.compile, c.iterations, len(ipc))
         compiled_batches = 0
+        groups = forward_groups(env.batches_per_forward, env.device.type, len(targets), len(ipc),
+                                self.dwa is not None)
+        if self._max_groups is not None:
+            groups = min(groups, self._max_groups)
+        if groups > 1:
+            return self._run_merged(classes, ipc, gen, params, targets, compiled, groups)
         for j in ipc:
             real = env.init_batch(classes, j) if env.init.startswith("real") else None
             init = init_images("real" if real is not None else env.init, len(targets), env.resolution, gen,
@@ -131,14 +180,61 @@ class SynthesisWorker:
                 out.images.append(img)
                 out.classes.append(cls)
                 out.ipc_index.append(j)
+        return self._finish(out, finals, compiled_batches, len(ipc), radius, 1)
+
+    def _run_merged(self, classes: range, ipc: range, gen: Any, params: Any, targets: Any, compiled: bool,
+                    groups: int) -> MethodOutput:
+        """SRe2L with `groups` IPC batches per forward: each batch's init and all its augmentations are drawn
+        from `gen` in the order of the one-batch loop before any is optimized, so the draws are the same."""
+        from pipeline.synthesis import draw_augment, init_images
+
+        env, c = self.env, self.cfg
+        out = MethodOutput(images=[], classes=[], ipc_index=[])
+        finals: list[dict[str, float]] = []
+        compiled_batches = 0
+        order = list(ipc)
+        for start in range(0, len(order), groups):
+            chunk = order[start:start + groups]
+            inits, draws = [], []
+            for j in chunk:
+                real = env.init_batch(classes, j) if env.init.startswith("real") else None
+                inits.append(init_images("real" if real is not None else env.init, len(targets), env.resolution,
+                                         gen, real=real, device=env.device))
+                draws.append([draw_augment(gen, env.resolution, env.resolution, params.crop_scale, params.jitter,
+                                           params.flip, params.crop) for _ in range(c.iterations)])
+            images, hist, was_compiled = self._synthesize_merged(compiled, gen, targets, inits, draws, params)
+            compiled_batches += len(chunk) * int(was_compiled)
+            tail = max(1, c.iterations // 20)
+            for g, j in enumerate(chunk):
+                finals.append({k: float(v[-tail:, g].mean()) for k, v in hist.items()})
+                finals[-1].update({f"{k}_first": float(v[0, g]) for k, v in hist.items()})
+                for cls, img in zip(classes, images[g * len(targets):(g + 1) * len(targets)], strict=True):
+                    out.images.append(img)
+                    out.classes.append(cls)
+                    out.ipc_index.append(j)
+        return self._finish(out, finals, compiled_batches, len(ipc), [], groups)
+
+    def _finish(self, out: MethodOutput, finals: list[dict[str, float]], compiled_batches: int, batches: int,
+                radius: list[Any], groups: int) -> MethodOutput:
+        import numpy as np
+        import torch
+
+        c = self.cfg
         out.metrics["image_iterations"] = len(out.images) * c.iterations
-        out.metrics["compiled"] = bool(compiled_batches) and compiled_batches == len(ipc)
+        out.metrics["compiled"] = bool(compiled_batches) and compiled_batches == batches
+        out.metrics["batches_per_forward"] = min(groups, self._max_groups or groups)
         if radius and self.dwa.rho > 0:
             # Achieved ||delta|| / rho, mean over the unit's batches (official code: about 0.995).
             out.metrics["dwa_radius_ratio"] = round(float(torch.cat(radius).mean()) / self.dwa.rho, 6)
         for k in finals[0] if finals else []:
             out.metrics[f"loss_{k}"] = float(np.mean([f[k] for f in finals]))
         return out
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError)
 
 
 @register("sre2l", description="SRe2L: optimize noise against the teacher's CE and BatchNorm statistics",

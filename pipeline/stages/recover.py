@@ -166,7 +166,8 @@ def open_env(ctx: RunContext, device: torch.device) -> Any:
     env = RecoverEnv(seed=ctx.config.seed, device=device, resolution=data.resolution, mean=mean, std=std,
                      init=resolved_init(r.method, r.init),
                      amp=torch.bfloat16 if (r.amp == "bf16" and device.type == "cuda") else None,
-                     channels_last=r.channels_last, compile=r.compile)
+                     channels_last=r.channels_last, compile=r.compile,
+                     batches_per_forward=r.batches_per_forward)
     if method.needs.teacher or env.init in TEACHER_INITS:
         env.teacher = run_teacher(ctx, device)
         if r.channels_last and device.type == "cuda":
