@@ -269,3 +269,107 @@ def render_batch(
     if not images:
         return torch.empty(0, 3, resolution, resolution)
     return torch.stack([render_view(i, q, p, resolution) for i, q, p in zip(images, partners, params, strict=True)])
+
+
+def _crop_pixels(box: Sequence[float], h: int, w: int) -> tuple[int, int, int, int]:
+    """A fractional box as source pixels (py, px, ph, pw), rounded as `_crop_resize` does."""
+    top, left, bh, bw = (float(v) for v in box)
+    ph = min(max(1, round(bh * h)), h)
+    pw = min(max(1, round(bw * w)), w)
+    py = min(max(0, round(top * h)), h - ph)
+    px = min(max(0, round(left * w)), w - pw)
+    return py, px, ph, pw
+
+
+def _sample_axis(start: Tensor, size: Tensor, res: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Bilinear sampling along one axis, as `F.interpolate(align_corners=False)` computes it: for each crop
+    (start, size) [B] and output pixel i, the source index (i + 0.5) * size / res - 0.5 clamped at 0, its two
+    neighbours (the second clamped to the crop) and the weight of the second, in float32."""
+    scale = (size.float() / res).unsqueeze(1)  # [B, 1], as the kernel's float input_size / output_size
+    # scale * (i + 0.5) - 0.5 rounded once to float32, as the kernel's fused multiply-add (the product is exact
+    # in float64)
+    half = torch.arange(res, device=size.device, dtype=torch.float64) + 0.5
+    src = (scale.double() * half - 0.5).float().clamp_(min=0.0)
+    i0 = src.long()  # floor, src >= 0
+    lam1 = (src - i0).clamp_(0.0, 1.0)
+    i1 = torch.minimum(i0 + 1, (size - 1).unsqueeze(1))
+    base = start.unsqueeze(1)
+    return base + i0, base + i1, lam1
+
+
+def _render_crops(images: Tensor, rows: Tensor, crops: Tensor, flips: Tensor, res: int) -> Tensor:
+    """Crop images[rows] by `crops` [B, 4] (py, px, ph, pw), resize bilinearly to res x res, flip where `flips`:
+    [B, C, res, res] float in [0, 1] (uint8 sources are scaled by 1 / 255 as `render_view` does).
+
+    Separable: two row gathers blended along y ([B, C, res, W]), then two column gathers blended along x."""
+    y0, y1, ly = _sample_axis(crops[:, 0], crops[:, 2], res)  # [B, res]
+    x0, x1, lx = _sample_axis(crops[:, 1], crops[:, 3], res)
+    # a flipped view reads its columns right to left (flip after the resize = reversed column sampling)
+    flip = flips.unsqueeze(1)
+    x0, x1, lx = (torch.where(flip, t.flip(1), t) for t in (x0, x1, lx))
+    src = images.index_select(0, rows)
+    src = src.float() / 255.0 if src.dtype == torch.uint8 else src.float()
+    n, c, _, w = src.shape
+
+    def rows_at(ys: Tensor) -> Tensor:  # [B, C, res, W]
+        return src.gather(2, ys.view(n, 1, res, 1).expand(n, c, res, w))
+
+    wy1 = ly.view(n, 1, res, 1)
+    by_y = rows_at(y0) * (1.0 - wy1) + rows_at(y1) * wy1
+
+    def cols_at(xs: Tensor) -> Tensor:  # [B, C, res, res]
+        return by_y.gather(3, xs.view(n, 1, 1, res).expand(n, c, res, res))
+
+    wx1 = lx.view(n, 1, 1, res)
+    return cols_at(x0) * (1.0 - wx1) + cols_at(x1) * wx1
+
+
+def render_views_batched(images: Tensor, ids: Sequence[int], params: Sequence[ViewParams], resolution: int) -> Tensor:
+    """All views of a batch in one call on `images`' device: [B, 3, res, res] float in [0, 1].
+
+    ``images`` is the whole set [N, 3, H, W] (uint8, or float in [0, 1]); view b renders image ``ids[b]`` (and
+    its partner) with ``params[b]``. The same views as ``render_batch`` (one ``F.interpolate`` per crop), with
+    the bilinear weights computed as that kernel does: on the CPU the pixels agree to float rounding
+    (``tests/test_augment.py`` states the tolerance). The loop over views is only over their integer crop
+    boxes; sampling, flips, CutMix pastes and Mixup blends are tensor operations on the device.
+    """
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images [N, 3, H, W], got shape {tuple(images.shape)}")
+    if len(ids) != len(params):
+        raise ValueError(f"render_views_batched: {len(ids)} ids, {len(params)} params")
+    res, dev = resolution, images.device
+    if not ids:
+        return torch.empty(0, 3, res, res, device=dev)
+    h, w = int(images.shape[2]), int(images.shape[3])
+    rows = torch.tensor([int(i) for i in ids], dtype=torch.long, device=dev)
+    crops = torch.tensor([_crop_pixels(p.box, h, w) for p in params], dtype=torch.long, device=dev)
+    flips = torch.tensor([bool(p.flip) for p in params], device=dev)
+    out = _render_crops(images, rows, crops, flips, res)
+    mixed = [b for b, p in enumerate(params) if p.mixed]
+    if mixed:
+        for b in mixed:
+            p = params[b]
+            if p.cut != NO_CUT:
+                y0, x0, y1, x1 = p.cut
+                if not (0 <= y0 <= y1 <= res and 0 <= x0 <= x1 <= res):
+                    raise ValueError(f"CutMix rectangle {p.cut} does not fit a {res} px view")
+        sel = torch.tensor(mixed, dtype=torch.long, device=dev)
+        mp = [params[b] for b in mixed]
+        other = _render_crops(
+            images, torch.tensor([p.partner for p in mp], dtype=torch.long, device=dev),
+            torch.tensor([_crop_pixels(p.partner_box, h, w) for p in mp], dtype=torch.long, device=dev),
+            torch.tensor([bool(p.partner_flip) for p in mp], device=dev), res)
+        cut = torch.tensor([p.cut for p in mp], dtype=torch.long, device=dev)  # [M, 4] y0, x0, y1, x1
+        is_cut = torch.tensor([p.cut != NO_CUT for p in mp], device=dev).view(-1, 1, 1, 1)
+        grid = torch.arange(res, device=dev)
+        inside_y = (grid >= cut[:, 0:1]) & (grid < cut[:, 2:3])  # [M, res]
+        inside_x = (grid >= cut[:, 1:2]) & (grid < cut[:, 3:4])
+        paste = (inside_y.view(-1, 1, res, 1) & inside_x.view(-1, 1, 1, res)) & is_cut
+        # Mixup as render_view computes it: lam * out + (1 - lam) * other, both weights rounded to float32
+        # from the Python doubles (the CutMix views keep their pixels: lam there is only the label share)
+        lam = torch.tensor([p.lam for p in mp], dtype=torch.float32, device=dev).view(-1, 1, 1, 1)
+        rest = torch.tensor([1.0 - p.lam for p in mp], dtype=torch.float32, device=dev).view(-1, 1, 1, 1)
+        mine = out.index_select(0, sel)
+        blended = torch.where(is_cut, torch.where(paste, other, mine), lam * mine + rest * other)
+        out = out.index_copy(0, sel, blended)
+    return out.clamp_(0.0, 1.0)

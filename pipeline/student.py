@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from pipeline import ddp, trainloop
-from pipeline.augment import ViewConfig, draw_views, render_batch
+from pipeline.augment import ViewConfig, draw_views, render_batch, render_views_batched
 from pipeline.hardlabel import HardSpec
 from pipeline.holdout import HoldoutSpec
 from pipeline.models import build_model
@@ -79,6 +79,7 @@ class StudentJob:
     student_seed: int = 0  # the matrix cell's student seed (`cell_seed`); the views stay the run seed's
     holdout: HoldoutSpec | None = None  # the holdout slice scored every `eval_every` epochs (never val)
     best_output: str = ""  # where the weights of the epoch best on the holdout go ('' = not kept)
+    views_on_device: str = "off"  # auto | on | off (`train.views_on_device`): batched views on the device
 
 
 def cell_seed(run_seed: int, student_seed: int) -> int:
@@ -128,11 +129,20 @@ class ViewBatches(torch.utils.data.Dataset):
         return views, torch.tensor(ids, dtype=torch.long)
 
 
+def views_on_device(setting: str, device: torch.device) -> bool:
+    """Whether `train.views_on_device` renders batched views on `device` (auto: on a GPU only)."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
 def render_views(images: torch.Tensor, ids: list[int], seed: int, epoch: int, cfg: ViewConfig,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 batched: bool = False) -> torch.Tensor:
     """Views of `ids` in `epoch`, normalized with (mean, std) (`data.mean` / `data.std`): the same for relabel
-    and for the student."""
+    and for the student. `batched`: all of them in one call on `images`' device (`render_views_batched`, equal to
+    the per-view loop to 2 float32 ulps), else one at a time on the CPU."""
     params = draw_views(seed, epoch, ids, len(images), cfg)
+    if batched:
+        return normalize(render_views_batched(images, ids, params, cfg.resolution), mean, std)
     imgs = [images[i].float() / 255.0 for i in ids]
     partners = [images[p.partner].float() / 255.0 if p.partner >= 0 else None for p in params]
     return normalize(render_batch(imgs, partners, params, cfg.resolution), mean, std)
@@ -172,14 +182,20 @@ def train_student(job: StudentJob) -> dict[str, Any]:
     resumed_from = int(ckpt["epoch"]) + 1 if ckpt else None
     start, history = resumed_from or 0, list(ckpt.get("history", [])) if ckpt else []
     net = wrap_ddp(model, device)
+    # the synthetic set (uint8) held on the device once, when its views are rendered there
+    on_device = images.to(device) if views_on_device(job.views_on_device, device) else None
     t0 = time.time()
     every = job.eval_every
     for epoch in range(start, job.epochs):
         net.train()
         batches = epoch_batches(n, job.batch_size, world, rank, own, epoch)
-        data = ViewBatches(images, batches, seed, epoch, cfg, job.data.mean, job.data.std)
-        loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=job.view_workers,
-                                             persistent_workers=False)
+        if on_device is not None:  # one batched call per batch, on the device
+            loader = ((render_views(on_device, ids, seed, epoch, cfg, job.data.mean, job.data.std, batched=True),
+                       torch.tensor(ids, dtype=torch.long)) for ids in batches)
+        else:
+            data = ViewBatches(images, batches, seed, epoch, cfg, job.data.mean, job.data.std)
+            loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False,
+                                                 num_workers=job.view_workers, persistent_workers=False)
         total = torch.zeros(2, dtype=torch.float64, device=device)
         for x, ids in loader:
             x = x.to(device, non_blocking=True)

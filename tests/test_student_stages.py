@@ -138,6 +138,34 @@ def test_stored_and_online_relabel_give_the_same_targets(relabeled_run: Path) ->
     assert (stored_by_epoch[0] - stored_by_epoch[1]).abs().max() > 1e-2
 
 
+def test_views_rendered_on_the_device_match_the_stored_labels_and_train_a_student(relabeled_run: Path,
+                                                                                  tmp_path: Path) -> None:
+    """train.views_on_device=on (what auto does on a GPU), forced here on the CPU: relabel renders each batch of
+    views in one call on the device and the student trains on the same; their soft labels are the per-view
+    loop's (`off`) to fp16 rounding, and the student's views agree with the loop's to 2 float32 ulps."""
+    on_dir = clone_run(relabeled_run, tmp_path / "on")
+    ctx = run_pipeline(fast_config(TOPK, "train.views_on_device=on"), on_dir, stages=["relabel", "train"],
+                       fresh=True, progress=False)
+    job = student_job(ctx)
+    assert job.views_on_device == "on"
+    train = ctx.store.load("train", "kd-convnet-s0")
+    assert train is not None and train.metrics["epochs"] == 2
+    off_job = student_job(open_context(fast_config(TOPK), relabeled_run))
+    from pipeline.data.synthetic import load_images
+
+    images, _ = load_images(Path(job.synthetic_dir), _index(job), None)
+    n, c, temp, seed = len(images), job.data.num_classes, job.temperature, job.data.seed
+    on = read_soft_labels(list(job.soft_labels), num_classes=c, temperature=temp, views=ViewSource(seed, n, job.views))
+    off = read_soft_labels(list(off_job.soft_labels), num_classes=c, temperature=temp,
+                           views=ViewSource(seed, n, off_job.views))
+    ids = list(range(n))
+    for epoch in range(job.epochs):
+        torch.testing.assert_close(on.targets(epoch, ids), off.targets(epoch, ids), atol=1e-4, rtol=0)
+        batched = render_views(images, ids, seed, epoch, job.views, batched=True)
+        loop = render_views(images, ids, seed, epoch, job.views)
+        assert (batched - loop).abs().max() <= 1e-6  # normalized pixels: 2 ulps in [0, 1], times 1 / std
+
+
 def test_student_refuses_soft_labels_of_other_views_or_temperature(relabeled_run: Path, tmp_path: Path) -> None:
     job = replace(student_job(open_context(fast_config(TOPK), relabeled_run)),
                   output=str(tmp_path / "student.pt"), checkpoint=str(tmp_path / "train-last.pt"))

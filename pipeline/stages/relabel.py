@@ -108,6 +108,12 @@ class RelabelWorker:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.images, _ = load_images(ctx.path(SYNTHETIC_DIR), read_index([Path(p) for p in recover_index_paths(ctx)]))
         self.teacher = run_teacher(ctx, self.device)
+        from pipeline.student import views_on_device
+
+        # the synthetic set (uint8) held on the device, when its views are rendered there in one call per batch
+        self.batched = views_on_device(ctx.config.train.views_on_device, self.device)
+        if self.batched:
+            self.images = self.images.to(self.device)
 
     @torch.no_grad()
     def run(self, unit: Unit) -> UnitResult:
@@ -141,7 +147,7 @@ class RelabelWorker:
                 for s in range(a, b, bs):
                     ids = list(range(s, min(s + bs, b)))
                     x = render_views(self.images, ids, seed, epoch, cfg, ctx.config.data.mean,
-                                     ctx.config.data.std).to(self.device)
+                                     ctx.config.data.std, batched=self.batched).to(self.device)
                     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
                         logits = self.teacher(x).float()
                     labels = encode_soft_labels(logits, k, temp)

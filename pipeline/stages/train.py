@@ -93,6 +93,7 @@ def student_job(ctx: RunContext, cell: Cell | None = None) -> StudentJob:
         protocol=cell.protocol, hard=hard_spec(ctx, cell.student) if hard else None, student_seed=cell.seed,
         holdout=holdout_spec(ctx),
         best_output=str(ctx.path(best_path(cell))) if cfg.eval.select == "best-holdout" else "",
+        views_on_device=t.views_on_device,
     )
 
 
