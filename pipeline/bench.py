@@ -11,9 +11,11 @@ the median of each side), so the ratio holds on a loaded machine where the absol
   PIL loader) both sides run the same code and the ratio is about 1: that is a figure too.
 
 Rows (`what`, `unit`): recover/<method> image-iterations/s (images of a batch x iterations; DC/DSA: images x
-outer steps), relabel views/s (views rendered and put through the teacher), train images/s (views rendered,
-student forward + backward + step under the KD loss), loader/pil and loader/dali images/s over the bundled
-digits' shards. One-off costs (compilation) are timed apart (`setup_s`) and folded into `ratio_per_unit`:
+outer steps), recover/sre2l-merged (`--merge` batches one per forward against all in one forward,
+`recover.batches_per_forward`), relabel views/s (views rendered and put through the teacher), views views/s
+(one `F.interpolate` per view on the host against one batched call on the device, `train.views_on_device`),
+train images/s (views rendered, student forward + backward + step under the KD loss; on CUDA the optimized side
+renders them on the device), loader/pil and loader/dali images/s over the bundled digits' shards. One-off costs (compilation) are timed apart (`setup_s`) and folded into `ratio_per_unit`:
 the ratio over one unit of `--unit-iterations` batch-iterations (default 1500, a demo recover unit: 300
 iterations x 5 batches) including them. Peak memory is CUDA's `max_memory_allocated` per row, or on CPU the
 process's peak RSS so far (a lifetime high-water mark, so an upper bound that never falls between rows).
@@ -36,7 +38,7 @@ from pathlib import Path
 import torch
 
 RECOVER_METHODS = ("sre2l", "dwa", "dm", "datadam", "dc", "dsa")
-ALL = ("recover", "relabel", "train", "loader")
+ALL = ("recover", "relabel", "views", "train", "loader")
 
 
 @dataclass
@@ -143,6 +145,42 @@ def bench_recover_synthesis(method: str, a: argparse.Namespace, device: torch.de
                 unit_work=a.unit_iterations * n, note="optimized: " + (", ".join(feats) or "nothing (--no-compile)"))
 
 
+def bench_recover_merged(a: argparse.Namespace, device: torch.device) -> Row:
+    """SRe2L: `--merge` batches one after the other against the same batches in one forward
+    (`recover.batches_per_forward`), both eager with the device's precision (bf16 and channels_last on CUDA)."""
+    from pipeline.synthesis import RecoverParams, draw_augment, synthesize_batch
+
+    teacher = _teacher(a.model, a.classes, a.resolution, device)
+    cuda = device.type == "cuda"
+    amp = torch.bfloat16 if cuda else None
+    if cuda:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    n, groups = a.batch, a.merge
+    targets = torch.arange(n, device=device) % a.classes
+    gen = torch.Generator().manual_seed(1)
+    params = RecoverParams(iterations=a.iterations, jitter=4 if a.resolution <= 64 else 32)
+    inits = [torch.randn(n, 3, a.resolution, a.resolution, generator=gen).to(device) for _ in range(groups)]
+    draws = [[draw_augment(gen, a.resolution, a.resolution, params.crop_scale, params.jitter, params.flip,
+                           params.crop) for _ in range(params.iterations)] for _ in range(groups)]
+    kw = dict(autocast_dtype=amp, channels_last=cuda)
+
+    def base() -> float:
+        for init, d in zip(inits, draws, strict=True):
+            synthesize_batch(teacher, targets, init, params, gen, draws=[d], **kw)
+        return groups * n * a.iterations
+
+    def opt() -> float:
+        synthesize_batch(teacher, targets.repeat(groups), torch.cat(inits), params, gen, draws=draws, **kw)
+        return groups * n * a.iterations
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    b, o = _pair(base, opt, a.rounds, device)
+    return _row("recover/sre2l-merged", "image-iterations/s", b, o, device,
+                note=f"baseline: {groups} batches of {n} one per forward; optimized: in one forward (both eager"
+                     f"{', bf16, channels_last' if cuda else ''})")
+
+
 def bench_recover_matching(method: str, a: argparse.Namespace, device: torch.device) -> Row:
     """DM / DataDAM / DC / DSA with their official defaults but few iterations; bf16 autocast (DM, DataDAM) is the
     only speed feature, on CUDA, so on CPU both sides are the same loop."""
@@ -192,11 +230,37 @@ def bench_recover_matching(method: str, a: argparse.Namespace, device: torch.dev
     return _row(f"recover/{method}", "image-iterations/s", b, o, device, note=note)
 
 
-def _views(a: argparse.Namespace, images: torch.Tensor, ids: list[int], epoch: int) -> torch.Tensor:
+def _views(a: argparse.Namespace, images: torch.Tensor, ids: list[int], epoch: int,
+           batched: bool = False) -> torch.Tensor:
     from pipeline.augment import ViewConfig
     from pipeline.student import render_views
 
-    return render_views(images, ids, 0, epoch, ViewConfig(resolution=a.resolution), (0.5,) * 3, (0.25,) * 3)
+    return render_views(images, ids, 0, epoch, ViewConfig(resolution=a.resolution), (0.5,) * 3, (0.25,) * 3,
+                        batched=batched)
+
+
+def bench_views(a: argparse.Namespace, device: torch.device) -> Row:
+    """Student views (crop, resize, flip, CutMix): one `F.interpolate` per view on the host against one batched
+    call on the device from the set held there (`train.views_on_device`)."""
+    images = torch.randint(0, 256, (max(a.student_batch, 64), 3, a.resolution, a.resolution), dtype=torch.uint8)
+    held = images.to(device)
+    ids = list(range(a.student_batch))
+
+    def base() -> float:
+        for e in range(a.iterations):
+            _views(a, images, ids, e).to(device)
+        return a.iterations * len(ids)
+
+    def opt() -> float:
+        for e in range(a.iterations):
+            _views(a, held, ids, e, batched=True)
+        return a.iterations * len(ids)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    b, o = _pair(base, opt, a.rounds, device)
+    return _row("views", "views/s", b, o, device,
+                note="optimized: batched on the device (train.views_on_device=auto uses it on GPU only)")
 
 
 def bench_relabel(a: argparse.Namespace, device: torch.device) -> Row:
@@ -216,10 +280,12 @@ def bench_relabel(a: argparse.Namespace, device: torch.device) -> Row:
                 teacher(_views(a, images, ids, e).to(device)).float().cpu()
         return a.iterations * len(ids)
 
+    held = images.to(device) if cuda else images
+
     def opt() -> float:
         with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=cuda):
             for e in range(a.iterations):
-                v = _views(a, images, ids, e).to(device, non_blocking=True)
+                v = _views(a, held, ids, e, batched=cuda).to(device, non_blocking=True)
                 opt_teacher(v.contiguous(memory_format=torch.channels_last) if cuda else v).float().cpu()
         return a.iterations * len(ids)
 
@@ -227,7 +293,8 @@ def bench_relabel(a: argparse.Namespace, device: torch.device) -> Row:
         torch.cuda.reset_peak_memory_stats(device)
     b, o = _pair(base, opt, a.rounds, device)
     return _row("relabel", "views/s", b, o, device,
-                note="optimized: inference mode, bf16, channels_last" if cuda else "optimized: inference mode")
+                note="optimized: inference mode, bf16, channels_last, views batched on the device" if cuda
+                else "optimized: inference mode")
 
 
 def bench_train(a: argparse.Namespace, device: torch.device) -> Row:
@@ -252,9 +319,11 @@ def bench_train(a: argparse.Namespace, device: torch.device) -> Row:
     plain, plain_opt = make(False)
     fast, fast_opt = make(cuda)
 
+    held = images.to(device) if cuda else images
+
     def step(model: torch.nn.Module, optim: torch.optim.Optimizer, amp: bool, cl: bool) -> float:
         for e in range(a.iterations):
-            v = _views(a, images, ids, e).to(device)
+            v = _views(a, held, ids, e, batched=True) if cl else _views(a, images, ids, e).to(device)
             if cl:
                 v = v.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, torch.bfloat16, enabled=amp):
@@ -268,7 +337,8 @@ def bench_train(a: argparse.Namespace, device: torch.device) -> Row:
         torch.cuda.reset_peak_memory_stats(device)
     b, o = _pair(lambda: step(plain, plain_opt, False, False), lambda: step(fast, fast_opt, cuda, cuda), a.rounds,
                  device)
-    return _row("train", "images/s", b, o, device, note="optimized: bf16, channels_last" if cuda else
+    return _row("train", "images/s", b, o, device, note="optimized: bf16, channels_last, views batched on the "
+                "device" if cuda else
                 "no speed feature on CPU: both sides are the same step")
 
 
@@ -321,6 +391,8 @@ def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=32, help="image side in pixels")
     p.add_argument("--classes", type=int, default=10, help="classes (logits) of the models")
     p.add_argument("--batch", type=int, default=10, help="recover batch: one image per class of a unit")
+    p.add_argument("--merge", type=int, default=5,
+                   help="recover/sre2l-merged: batches in one forward against one per forward (0 or 1: no row)")
     p.add_argument("--student-batch", type=int, default=64, help="relabel / student / loader batch")
     p.add_argument("--iterations", type=int, default=20, help="timed iterations (batches) per call")
     p.add_argument("--rounds", type=int, default=3, help="alternating baseline / optimized calls per side")
@@ -360,8 +432,12 @@ def run_bench(a: argparse.Namespace, echo: Callable[[str], None] = print) -> lis
             for m in [m for m in a.methods.split(",") if m]:
                 fn = bench_recover_synthesis if m in ("sre2l", "dwa") else bench_recover_matching
                 jobs.append(lambda m=m, fn=fn: fn(m, a, device))
+                if m == "sre2l" and a.merge > 1:
+                    jobs.append(lambda: bench_recover_merged(a, device))
         if "relabel" in what:
             jobs.append(lambda: bench_relabel(a, device))
+        if "views" in what:
+            jobs.append(lambda: bench_views(a, device))
         if "train" in what:
             jobs.append(lambda: bench_train(a, device))
         if "loader" in what:
