@@ -498,20 +498,17 @@ def test_sre2l_batches_sharing_a_forward_match_one_batch_per_forward_and_halve_w
     """recover.batches_per_forward=2 optimizes a unit's two IPC batches in one teacher forward, each with its own CE
     and BN statistics and the draws it has alone: the pixels match one batch per forward (to one level of 255,
     float rounding) and repeat to the same bytes. A merged forward that runs out of memory is halved and redone,
-    which gives exactly the bytes of one batch per forward (nothing is drawn again)."""
+    which gives exactly the bytes of one batch per forward (nothing is drawn again). (Repeatability: the merged
+    path is `synthesize_batch(draws=...)`, whose bytes repeat like every recover call's.)"""
     common = ("recover.method=sre2l", "recover.ipc=2", "recover.ipc_per_unit=2", "recover.sre2l.iterations=6")
-    one = _recover(teacher_run, tmp_path / "one", *common, "recover.batches_per_forward=1").run_dir
+    one = _recover(teacher_run, tmp_path / "one", *common).run_dir  # auto on a CPU: one batch per forward
     two = _recover(teacher_run, tmp_path / "two", *common, "recover.batches_per_forward=2").run_dir
-    again = _recover(teacher_run, tmp_path / "again", *common, "recover.batches_per_forward=2").run_dir
-    assert _outputs(two) == _outputs(again)
     assert {r.metrics["batches_per_forward"] for r in ManifestStore(two).records("recover")} == {2}
     assert {r.metrics["batches_per_forward"] for r in ManifestStore(one).records("recover")} == {1}
     (a, ca), (b, cb) = _synthetic(one), _synthetic(two)
     assert ca == cb and len(ca) == 10 * 2
     diffs = [np.abs(decode_rgb(a.raw(i)).astype(int) - decode_rgb(b.raw(i)).astype(int)).max() for i in range(len(ca))]
     assert max(diffs) <= 1, diffs
-    auto = _recover(teacher_run, tmp_path / "auto", *common).run_dir  # auto on a CPU: one batch per forward
-    assert _outputs(auto) == _outputs(one)
 
     import pipeline.synthesis as synthesis
 
@@ -528,3 +525,14 @@ def test_sre2l_batches_sharing_a_forward_match_one_batch_per_forward_and_halve_w
     assert "2 batches in one forward ran out of GPU memory; going on with 1" in caplog.text
     assert _outputs(halved) == _outputs(one)
     assert {r.metrics["batches_per_forward"] for r in ManifestStore(halved).records("recover")} == {1}
+
+
+def test_batches_per_forward_auto_merges_on_a_gpu_only_and_never_for_dwa():
+    from pipeline.methods.sre2l import AUTO_FORWARD_IMAGES, forward_groups
+
+    assert forward_groups(0, "cpu", 100, 10, dwa=False) == 1  # auto on a CPU: it does not pay there
+    assert forward_groups(0, "cuda", 100, 10, dwa=False) == AUTO_FORWARD_IMAGES // 100 == 10
+    assert forward_groups(0, "cuda", 100, 4, dwa=False) == 4  # no more than the unit's batches
+    assert forward_groups(0, "cuda", 2000, 10, dwa=False) == 1  # a batch above the cap stays alone
+    assert forward_groups(3, "cpu", 10, 10, dwa=False) == 3  # an explicit count applies on any device
+    assert forward_groups(3, "cuda", 100, 10, dwa=True) == forward_groups(0, "cuda", 100, 10, dwa=True) == 1

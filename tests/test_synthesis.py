@@ -534,6 +534,8 @@ def test_several_batches_in_one_forward_give_each_batch_its_own_result(teacher: 
                       for _ in range(params.iterations)])
     merged, hist = synthesize_batch(teacher, targets.repeat(groups), torch.cat(inits), params, _gen(0),
                                     draws=draws)
+    again, _ = synthesize_batch(teacher, targets.repeat(groups), torch.cat(inits), params, _gen(1), draws=draws)
+    assert torch.equal(merged, again)  # the same bytes, and nothing drawn from gen
     assert merged.shape == (groups * NUM_CLASSES, 3, RES, RES)
     assert all(v.shape == (params.iterations, groups) for v in hist.values())
     for g in range(groups):
