@@ -5,7 +5,7 @@ ports, token auth on), stopped at the end by the pids of exactly that head's pro
 which would also stop other sessions' clusters); see tests/ray_cluster.py for how the processes are found.
 They cover: the job API refusing requests without the token; the demo recipe end to end as one job that
 joins the head (no nested cluster); a job stopped with `ray job stop` in the middle of recover and submitted
-again, which runs only the missing units; and an actor process killed with SIGKILL, whose unit is requeued.
+again, which runs only the missing units, one of its actor processes killed with SIGKILL and its unit requeued.
 """
 
 from __future__ import annotations
@@ -291,7 +291,11 @@ def test_submit_demo_job_end_to_end(ray_head: LocalRayHead, demo_job: DemoJob) -
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_job_stopped_mid_recover_resumes(ray_head: LocalRayHead, demo_job: DemoJob, tmp_path: Path) -> None:
+def test_job_stopped_mid_recover_resumes_and_a_killed_actor_unit_is_requeued(ray_head: LocalRayHead,
+                                                                           demo_job: DemoJob, tmp_path: Path) -> None:
+    """A job stopped with `ray job stop` in the middle of recover, then submitted again: the second job runs only
+    the missing units, and when one of its actor processes is SIGKILLed under a unit, that unit is requeued on
+    another actor (one job pair covers both: the recover units of a job take most of these tests' time)."""
     assert demo_job.status == "SUCCEEDED", "the demo job failed; see test_submit_demo_job_end_to_end"
     run_dir = _teacher_copy(demo_job.run_dir, tmp_path / "run")
     entrypoint = _run_command(run_dir, *SLOW_RECOVER, stages="recover")
@@ -310,65 +314,49 @@ def test_job_stopped_mid_recover_resumes(ray_head: LocalRayHead, demo_job: DemoJ
         # The driver is gone, and Ray has destroyed the actors it owned: nothing keeps writing.
         _wait_for(lambda: not _actor_processes(ray_head), 60, "the stopped job's actors to exit", poll=0.5)
         done_before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in _unit_records(run_dir)}
-        assert 1 <= len(done_before) < SLOW_RECOVER_UNITS, sorted(done_before)
+        assert 1 <= len(done_before) < SLOW_RECOVER_UNITS - 2, sorted(done_before)
         assert ManifestStore(run_dir).load("recover", STAGE_RECORD) is None
         outputs = {o.uri for r in ManifestStore(run_dir).records("recover") for o in r.outputs}
         outputs_before = {uri: (run_dir / uri).stat().st_mtime_ns for uri in outputs}
 
         _submit_no_wait(ray_head, entrypoint, second)
-        status = ray_head.wait_job(second, timeout=300)
-        assert status == "SUCCEEDED", _job_failure(ray_head, second)
 
+        def busy_actor() -> int | None:
+            """An actor of the second job running a unit, once that job has committed a unit of its own."""
+            if ray_head.job_status(second) in TERMINAL:
+                raise AssertionError(f"job ended before an actor was killed:\n{_job_failure(ray_head, second)}")
+            if len(_unit_records(run_dir)) <= len(done_before):
+                return None
+            running = _actor_processes(ray_head, "ray::UnitActor.run")
+            return min(running) if running else None
+
+        victim = _wait_for(busy_actor, 240, "a recover actor of the second job running a unit")
+        assert len(_unit_records(run_dir)) < SLOW_RECOVER_UNITS
+        os.kill(victim, signal.SIGKILL)
+        status = ray_head.wait_job(second, timeout=300)
+        logs = ray_head.job_logs(second)
+        assert status == "SUCCEEDED", logs[-6000:]
+
+    # only the missing units ran: the first job's records and outputs are untouched
     records = _unit_records(run_dir)
     assert len(records) == SLOW_RECOVER_UNITS
     for name, (mtime, data) in done_before.items():
         path = run_dir / "manifests" / "recover" / name
         assert (path.stat().st_mtime_ns, path.read_bytes()) == (mtime, data), f"{name} was rewritten"
     assert {uri: (run_dir / uri).stat().st_mtime_ns for uri in outputs} == outputs_before
-    stage = ManifestStore(run_dir).load("recover", STAGE_RECORD)
+    store = ManifestStore(run_dir)
+    stage = store.load("recover", STAGE_RECORD)
     assert stage is not None and stage.status == "done"
     assert stage.metrics["units"] == SLOW_RECOVER_UNITS
     assert stage.metrics["ran"] == SLOW_RECOVER_UNITS - len(done_before)
-    logs = ray_head.job_logs(second)
     assert (f"stage recover: {SLOW_RECOVER_UNITS} units, {len(done_before)} done, "
             f"{SLOW_RECOVER_UNITS - len(done_before)} to run") in logs
-    _wait_for(lambda: not _actor_processes(ray_head), 60, "the job's actors to exit", poll=0.5)
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_killed_actor_unit_is_requeued(ray_head: LocalRayHead, demo_job: DemoJob, tmp_path: Path) -> None:
-    assert demo_job.status == "SUCCEEDED", "the demo job failed; see test_submit_demo_job_end_to_end"
-    run_dir = _teacher_copy(demo_job.run_dir, tmp_path / "run")
-    job_id = _job_id("kill")
-    with _stopped_on_exit(ray_head, job_id):
-        _submit_no_wait(ray_head, _run_command(run_dir, *SLOW_RECOVER, stages="recover"), job_id)
-
-        def busy_actor() -> int | None:
-            if ray_head.job_status(job_id) in TERMINAL:
-                raise AssertionError(f"job ended before an actor was killed:\n{_job_failure(ray_head, job_id)}")
-            if not _unit_records(run_dir):
-                return None
-            running = _actor_processes(ray_head, "ray::UnitActor.run")
-            return min(running) if running else None
-
-        victim = _wait_for(busy_actor, 240, "a recover actor running a unit after the first record")
-        assert len(_unit_records(run_dir)) < SLOW_RECOVER_UNITS
-        os.kill(victim, signal.SIGKILL)
-        status = ray_head.wait_job(job_id, timeout=300)
-        logs = ray_head.job_logs(job_id)
-        assert status == "SUCCEEDED", logs[-6000:]
-
-    store = ManifestStore(run_dir)
-    records = store.records("recover")
-    assert len(records) == SLOW_RECOVER_UNITS and all(r.status == "done" for r in records)
-    attempts = {r.unit: r.attempt for r in records}
-    assert 2 in attempts.values() and set(attempts.values()) <= {1, 2}, attempts
-    # The executor saw the actor die under a unit and ran that unit again on another actor.
+    # the executor saw the actor die under a unit and ran that unit again on another actor
+    recs = store.records("recover")
+    assert all(r.status == "done" for r in recs) and not store.failures("recover")
+    attempts = {r.unit: r.attempt for r in recs}
     lost = re.findall(r"actor died while running unit (\S+) \(attempt 1\)", logs)
     assert lost and all(attempts[key] == 2 for key in lost), (lost, attempts)
-    assert not store.failures("recover")
-    stage = store.load("recover", STAGE_RECORD)
-    assert stage is not None and stage.metrics["ran"] == SLOW_RECOVER_UNITS
+    assert set(attempts.values()) <= {1, 2}, attempts
     # The replacement actor and the survivors were all shut down with the stage.
     _wait_for(lambda: not _actor_processes(ray_head), 60, "the job's actors to exit", poll=0.5)
