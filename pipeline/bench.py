@@ -14,9 +14,10 @@ Rows (`what`, `unit`): recover/<method> image-iterations/s (images of a batch x 
 outer steps), recover/sre2l-merged (`--merge` batches one per forward against all in one forward,
 `recover.batches_per_forward`), relabel views/s (views rendered and put through the teacher), views views/s
 (one `F.interpolate` per view on the host against one batched call on the device, `train.views_on_device`),
-train images/s (views rendered, student forward + backward + step under the KD loss; on CUDA the optimized side
-renders them on the device), loader/pil and loader/dali images/s over the bundled digits' shards. One-off costs (compilation) are timed apart (`setup_s`) and folded into `ratio_per_unit`:
-the ratio over one unit of `--unit-iterations` batch-iterations (default 1500, a demo recover unit: 300
+train images/s (`--iterations`/4 batches: views rendered, student forward + backward + step under the KD loss;
+on CUDA the optimized side renders them on the device), loader/pil and loader/dali images/s over the bundled
+digits' shards. One-off costs (compilation) are timed apart (`setup_s`) and folded into `ratio_per_unit`: the
+ratio over one unit of `--unit-iterations` batch-iterations (default 1500, a demo recover unit: 300
 iterations x 5 batches) including them. Peak memory is CUDA's `max_memory_allocated` per row, or on CPU the
 process's peak RSS so far (a lifetime high-water mark, so an upper bound that never falls between rows).
 Inputs are random tensors of the real shapes: throughput does not depend on the values.
@@ -321,8 +322,10 @@ def bench_train(a: argparse.Namespace, device: torch.device) -> Row:
 
     held = images.to(device) if cuda else images
 
+    steps = max(1, a.iterations // 4)  # a student step costs several relabel batches: keep the row short
+
     def step(model: torch.nn.Module, optim: torch.optim.Optimizer, amp: bool, cl: bool) -> float:
-        for e in range(a.iterations):
+        for e in range(steps):
             v = _views(a, held, ids, e, batched=True) if cl else _views(a, images, ids, e).to(device)
             if cl:
                 v = v.contiguous(memory_format=torch.channels_last)
@@ -331,7 +334,7 @@ def bench_train(a: argparse.Namespace, device: torch.device) -> Row:
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
-        return a.iterations * len(ids)
+        return steps * len(ids)
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
