@@ -25,6 +25,12 @@ def _f(default: Any, doc: str) -> Any:
     return field(default=default, metadata={"doc": doc})
 
 
+def _since(default: Any, doc: str) -> Any:
+    """A field added after run directories existed: hashed only when set to something other than its default, so
+    a run made before it existed resumes under the new code (its default reproduces what that code computed)."""
+    return field(default=default, metadata={"doc": doc, "hash_if_set": True})
+
+
 def _op(default: Any, doc: str) -> Any:
     """An operational field: it never changes what a stage computes, so it is not part of any config hash."""
     return field(default=default, metadata={"hash": False, "doc": doc})
@@ -78,10 +84,6 @@ class SqueezeConfig:
     weight_decay: float = _f(5e-4, "weight decay, on every parameter as the official teacher scripts")
     warmup_epochs: int = _f(0, "linear warm-up epochs from 0.01x before the cosine (official Tiny-ImageNet: 5)")
     amp: bool = _f(True, "bf16 autocast on GPU; ignored on CPU")
-    views_on_device: str = _f("auto", "auto | on | off: render each batch's views in one call on the training "
-                              "device from the synthetic set held there (relabel and student alike; auto: on GPU "
-                              "only, as on the CPU the per-view loop of the view workers is faster); off: one "
-                              "view at a time on CPU workers. The two agree to 2 float32 ulps")
     workers: int = _op(0, "DDP workers: 0 = one per GPU (1 without GPUs); CPU workers use gloo")
     sample_stats: bool = _f(True, "after each epoch, score every training image (forgetting events, loss "
                             "buffers) for the forgetting and loss-score methods; costs ~1/3 of an epoch")
@@ -105,10 +107,10 @@ class RecoverCommon:
     compile: str = _f("auto", "auto | on | off: torch.compile SRe2L/DWA's teacher forward and losses (auto: on "
                       "for units of at least 1000 batch-iterations, where the 20-40 s compile is repaid; a "
                       "failed compile falls back to eager with a warning under auto, stops the unit under on)")
-    batches_per_forward: int = _f(0, "SRe2L: IPC batches of a unit optimized in one teacher forward, each batch "
-                                  "with its own CE and BN statistics (0 = auto: 1 on CPU, where it does not pay; "
-                                  "on GPU up to 1024 images per forward, halved if memory runs out; DWA: always "
-                                  "1, one weight perturbation per batch)")
+    batches_per_forward: int = _since(0, "SRe2L: IPC batches of a unit optimized in one teacher forward, each "
+                                      "batch with its own CE and BN statistics (0 = auto: 1 on CPU, where it "
+                                      "does not pay; on GPU up to 1024 images per forward, halved if memory runs "
+                                      "out; DWA: always 1, one weight perturbation per batch)")
 
 
 def _recover_config() -> type:
@@ -162,10 +164,10 @@ class TrainConfig:
     mix_alpha: float = _f(1.0, "lambda ~ Beta(alpha, alpha) of CutMix / Mixup")
     crop_scale_min: float = _f(0.08, "smallest area fraction of the student's random-resized crop")
     amp: bool = _f(True, "bf16 autocast on GPU; ignored on CPU")
-    views_on_device: str = _f("auto", "auto | on | off: render each batch's views in one call on the training "
-                              "device from the synthetic set held there (relabel and student alike; auto: on GPU "
-                              "only, as on the CPU the per-view loop of the view workers is faster); off: one "
-                              "view at a time on CPU workers. The two agree to 2 float32 ulps")
+    views_on_device: str = _since("auto", "auto | on | off: render each batch's views in one call on the training "
+                                  "device from the synthetic set held there (relabel and student alike; auto: on "
+                                  "GPU only, where the per-view loop of the CPU view workers is the bottleneck); "
+                                  "off: one view at a time on CPU workers. The two agree to 2 float32 ulps")
     workers: int = _op(0, "DDP workers: 0 = one per GPU (1 without GPUs); CPU workers use gloo")
     protocol: str = _f("kd", "kd: the SRe2L/DWA soft-label protocol (the keys above) | hard: DC/DSA/DM's "
                        "hard-label protocol (the hard_* keys below; relabel is skipped)")
@@ -271,6 +273,8 @@ class Config:
             if f.metadata.get("hash", True) is not True:
                 continue
             value = getattr(sec, f.name)
+            if f.metadata.get("hash_if_set") and value == f.default:
+                continue
             if "method" in f.metadata:  # a method's own section counts only when that method is chosen, or when
                 # its selection is the init (recover.init = real-<method>, e.g. the loss-score settings)
                 if f.metadata["method"] not in (sec.method, sec.init.removeprefix("real-")):
