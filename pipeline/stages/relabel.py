@@ -136,7 +136,8 @@ class RelabelWorker:
         amp = self.device.type == "cuda" and ctx.config.train.amp
         # The metric sample: every stride-th row of the unit (rows are epoch-major), at most METRIC_VIEWS.
         stride = max(1, math.ceil((b - a) * epochs / METRIC_VIEWS))
-        errors = {"tv": 0.0, "kl": 0.0, "residual": 0.0}
+        # on the device, read once at the end (no host sync per batch)
+        errors = {name: torch.zeros((), dtype=torch.float64, device=self.device) for name in ("tv", "kl", "residual")}
         measured = 0
         path = ctx.path(SOFT_DIR, f"{unit.key}.parquet")
         views = ViewSource(seed, len(self.images), cfg)
@@ -157,12 +158,12 @@ class RelabelWorker:
                         kept = labels.indices[sel]
                         stored = teacher_probs(kept, labels.values[sel], c, temp, labels.log_z[sel])
                         for name, v in target_error(full_target(logits[sel], temp), stored, kept).items():
-                            errors[name] += float(v.double().sum())
+                            errors[name] += v.double().sum()
                         measured += len(pick)
                     out.write(ids, [epoch] * len(ids), draw_views(seed, epoch, ids, len(self.images), cfg), labels)
         metrics: dict[str, Any] = {"rows": out.rows, "images": b - a, "measured_views": measured}
         for name, key in zip(("tv", "kl", "residual"), ERROR_METRICS, strict=True):
-            metrics[key] = errors[name] / measured if measured else None
+            metrics[key] = float(errors[name]) / measured if measured else None
         return UnitResult(outputs=[ctx.ref(path)], metrics=metrics)
 
     def close(self) -> None:
