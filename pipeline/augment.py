@@ -217,11 +217,7 @@ def _as_float_image(x: Tensor) -> Tensor:
 def _crop_resize(x: Tensor, box: Sequence[float], flip: bool, res: int) -> Tensor:
     """Crop by a fractional box (rounded to the source's pixels), bilinear resize to res x res, flip."""
     _, h, w = x.shape
-    top, left, bh, bw = (float(v) for v in box)
-    ph = min(max(1, round(bh * h)), h)
-    pw = min(max(1, round(bw * w)), w)
-    py = min(max(0, round(top * h)), h - ph)
-    px = min(max(0, round(left * w)), w - pw)
+    py, px, ph, pw = _crop_pixels(box, h, w)
     crop = x[:, py : py + ph, px : px + pw].unsqueeze(0)
     out = F.interpolate(crop, size=(res, res), mode="bilinear", align_corners=False, antialias=False)[0]
     if flip:
@@ -272,7 +268,7 @@ def render_batch(
 
 
 def _crop_pixels(box: Sequence[float], h: int, w: int) -> tuple[int, int, int, int]:
-    """A fractional box as source pixels (py, px, ph, pw), rounded as `_crop_resize` does."""
+    """A fractional box as source pixels (py, px, ph, pw): the crop of `_crop_resize` and `render_views_batched`."""
     top, left, bh, bw = (float(v) for v in box)
     ph = min(max(1, round(bh * h)), h)
     pw = min(max(1, round(bw * w)), w)
@@ -329,8 +325,9 @@ def render_views_batched(images: Tensor, ids: Sequence[int], params: Sequence[Vi
 
     ``images`` is the whole set [N, 3, H, W] (uint8, or float in [0, 1]); view b renders image ``ids[b]`` (and
     its partner) with ``params[b]``. The same views as ``render_batch`` (one ``F.interpolate`` per crop), with
-    the bilinear weights computed as that kernel does: on the CPU the pixels agree to float rounding
-    (``tests/test_augment.py`` states the tolerance). The loop over views is only over their integer crop
+    the bilinear source positions and weights computed as that kernel computes them (a float32 scale, the position
+    rounded once as its fused multiply-add): on the CPU the pixels agree with it to 2 float32 ulps (its
+    vectorized sums round in another order; ``tests/test_augment.py`` states the tolerance). The loop over views is only over their integer crop
     boxes; sampling, flips, CutMix pastes and Mixup blends are tensor operations on the device.
     """
     if images.dim() != 4 or images.shape[1] != 3:

@@ -166,8 +166,8 @@ class TrainConfig:
     amp: bool = _f(True, "bf16 autocast on GPU; ignored on CPU")
     views_on_device: str = _since("auto", "auto | on | off: render each batch's views in one call on the training "
                                   "device from the synthetic set held there (relabel and student alike; auto: on "
-                                  "GPU only, where the per-view loop of the CPU view workers is the bottleneck); "
-                                  "off: one view at a time on CPU workers. The two agree to 2 float32 ulps")
+                                  "GPU only: on CPU the per-view loop is kept, faster at 224 px); off: one view "
+                                  "at a time on CPU workers. The two agree to 2 float32 ulps")
     workers: int = _op(0, "DDP workers: 0 = one per GPU (1 without GPUs); CPU workers use gloo")
     protocol: str = _f("kd", "kd: the SRe2L/DWA soft-label protocol (the keys above) | hard: DC/DSA/DM's "
                        "hard-label protocol (the hard_* keys below; relabel is skipped)")

@@ -60,9 +60,9 @@ def wants_compile(mode: str, iterations: int, batches: int) -> bool:
 
 AUTO_FORWARD_IMAGES = 1024
 """`recover.batches_per_forward=0` (auto) on a GPU: as many of a unit's batches per forward as keep it at most
-this many images (10 batches of 100 classes; a batch of more classes stays alone). On a CPU auto is 1: measured
-on 2 cores (ConvNet, 32 px, forward and backward), 5 batches of 10 in one forward ran 1.03x and 10 batches of
-100 0.89x the separate batches, so merging only pays where small batches leave a GPU idle. If the merged
+this many images (10 batches of 100 classes; a batch of more classes stays alone). On a CPU auto is 1: `distill
+bench`'s `recover/sre2l-merged` row (ConvNet, 32 px, eager, 1 thread) ran 5 batches of 10 in one forward at 0.77x
+and 10 batches of 100 at 0.81x the batches one by one. The GPU side is not measured. If the merged
 forward runs out of GPU memory, the group is halved and redone (nothing is drawn again, so the result is the
 same) and the worker keeps the smaller size."""
 
