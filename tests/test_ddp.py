@@ -1,4 +1,5 @@
-"""DDP helpers: local multi-process launch (gloo), the executors' `launch_ddp`, and one Ray Train run."""
+"""DDP helpers: local multi-process launch (gloo) and the local executor's `launch_ddp`. (Ray Train with two
+gloo ranks runs in tests/test_deploy.py: the demo job's squeeze.)"""
 
 from __future__ import annotations
 
@@ -109,22 +110,3 @@ def test_launch_local_reports_the_failing_rank():
     with pytest.raises(RuntimeError, match="^DDP rank 1 of 2 failed") as info:
         launch_local(failing_job, None, 2, backend="gloo")
     assert "boom on rank 1" in str(info.value) and "Traceback" in str(info.value)
-
-
-@pytest.mark.ray
-def test_ray_executor_launches_ddp_on_ray_train():
-    import ray
-
-    from pipeline.recipes import load_config
-    from workers import make_executor
-
-    ray.init(num_cpus=2, include_dashboard=False,
-             object_store_memory=100 * 1024 * 1024)
-    executor = make_executor(load_config("demo", overrides=["executor.kind=ray"]))
-    try:
-        # 2 CPU workers with gloo (no GPU here: the executor asks Ray Train for GPUs only when the cluster has them)
-        out = executor.launch_ddp(reduce_job, "hello", 2)
-    finally:
-        executor.close()
-        ray.shutdown()
-    assert out == {"rank": 0, "world": 2, "sum": 3.0, "arg": "hello"}

@@ -241,7 +241,8 @@ def demo_job(ray_head: LocalRayHead, tmp_path_factory: pytest.TempPathFactory) -
     # One shell entrypoint: report the interpreter and where `pipeline` is imported from, then run.
     # (`ray job submit` shell-quotes the entrypoint words it is given; `sh -c` gets the script as one.)
     check = "import sys, pipeline; print('JOB_PYTHON', sys.prefix); print('JOB_PIPELINE', pipeline.__file__)"
-    script = f"python -c {shlex.quote(check)} && exec {shlex.join(_run_command(run_dir))}"
+    # squeeze on 2 Ray Train workers: DDP with gloo across two ranks (rank 0's result reaches the driver)
+    script = f"python -c {shlex.quote(check)} && exec {shlex.join(_run_command(run_dir, 'squeeze.workers=2'))}"
     job_id = _job_id("demo")
     with _stopped_on_exit(ray_head, job_id):
         result = ray_head.submit(["sh", "-c", script], working_dir=REPO, runtime_env=JOB_ENV,
@@ -277,6 +278,7 @@ def test_submit_demo_job_end_to_end(ray_head: LocalRayHead, demo_job: DemoJob) -
     assert joined and all(line.rstrip().endswith(gcs_port) for line in joined), joined or logs[-3000:]
     assert "started a local cluster" not in logs
     assert "ray train: ddp-" in logs
+    assert re.search(r"ray train: ddp-\w+ on 2 CPU workers", logs), logs[-3000:]
     nodes = ray_head.get_json("/nodes?view=summary")["data"]["summary"]
     assert len(nodes) == 1, nodes
     # Every stage completed; the run has its summary and evaluation record.
@@ -285,6 +287,7 @@ def test_submit_demo_job_end_to_end(ray_head: LocalRayHead, demo_job: DemoJob) -
         rec = store.load(stage, STAGE_RECORD)
         assert rec is not None and rec.status == "done", stage
     assert store.records("evaluate"), "no evaluate unit record"
+    assert store.load("squeeze", "train").metrics["world_size"] == 2  # rank 0's metrics, from 2 ranks
     summary = json.loads((run_dir / "results" / "summary.json").read_text())
     assert summary["num_classes"] == 10 and "top1" in summary
 

@@ -94,7 +94,7 @@ def _train_records(run_dir: Path) -> list[Path]:
 
 @pytest.mark.slow
 def test_a_tiny_matrix_completes_and_survives_a_killed_driver(teacher_run, tmp_path):
-    extra = ["eval.baselines=[random-real, full-real]", "eval.full_real_epochs=2", "eval.every=1",
+    extra = ["eval.baselines=[random-real, full-real]", "eval.full_real_epochs=1", "eval.every=1",
              "eval.select=best-holdout"]
     clean = clone_run(teacher_run, tmp_path / "clean")
     run_pipeline(fast_config(*MATRIX, *extra), clean, progress=False)
