@@ -327,8 +327,9 @@ def render_views_batched(images: Tensor, ids: Sequence[int], params: Sequence[Vi
     its partner) with ``params[b]``. The same views as ``render_batch`` (one ``F.interpolate`` per crop), with
     the bilinear source positions and weights computed as that kernel computes them (a float32 scale, the position
     rounded once as its fused multiply-add): on the CPU the pixels agree with it to 2 float32 ulps (its
-    vectorized sums round in another order; ``tests/test_augment.py`` states the tolerance). The loop over views is only over their integer crop
-    boxes; sampling, flips, CutMix pastes and Mixup blends are tensor operations on the device.
+    vectorized sums round in another order; ``tests/test_augment.py`` states the tolerance). The loop over views
+    is only over their integer crop boxes; sampling, flips, CutMix pastes and Mixup blends are tensor operations
+    on the device.
     """
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images [N, 3, H, W], got shape {tuple(images.shape)}")
