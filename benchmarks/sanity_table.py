@@ -8,7 +8,10 @@ For each run seed the demo teacher is trained once (`<work>/teacher-s<seed>`: in
 recipe with that seed); each (method, IPC, seed) is a run directory cloned from it that runs recover, train
 (`train.protocol=hard`) and evaluate with the demo recipe's settings, which shorten the matching methods (see
 `distill recipes demo`). The hard student's epochs are `--student-epochs` (default 300 for every method: the
-official 1000 for DSA-augmented sets is shortened). Results are appended to `<work>/results.jsonl` as each run
+official 1000 for DSA-augmented sets is shortened). `--hard-augment dsa` trains every student with the DSA
+augmentation (the hard protocol's `auto` gives it only to sets made by DSA, DM and DataDAM, as their papers
+do): with `--methods random-real` that is the fair reference for those rows; such runs are kept apart (run
+directory `<method>-ipc<i>-s<seed>-aug-dsa`, table row `<method> (aug dsa)`). Results are appended to `<work>/results.jsonl` as each run
 finishes, so an interrupted table resumes where it stopped; the markdown table is printed at the end (and
 written to `--out`).
 """
@@ -46,42 +49,53 @@ def teacher(work: Path, seed: int) -> Path:
     return run_dir
 
 
-def one_run(work: Path, method: str, ipc: int, seed: int, epochs: int) -> dict:
+def one_run(work: Path, method: str, ipc: int, seed: int, epochs: int, augment: str = "auto") -> dict:
     from pipeline.recipes import load_config
     from pipeline.runner import run_pipeline
 
     src = teacher(work, seed)
-    run_dir = work / f"{method}-ipc{ipc}-s{seed}"
+    run_dir = work / (f"{method}-ipc{ipc}-s{seed}" + ("" if augment == "auto" else f"-aug-{augment}"))
     if not run_dir.exists():
         shutil.copytree(src, run_dir)
     overrides = [*COMMON, f"seed={seed}", f"recover.method={method}", f"recover.ipc={ipc}",
-                 f"recover.ipc_per_unit={min(ipc, 5)}", "train.protocol=hard", f"train.hard_epochs={epochs}"]
+                 f"recover.ipc_per_unit={min(ipc, 5)}", "train.protocol=hard", f"train.hard_epochs={epochs}",
+                 f"train.hard_augment={augment}"]
     t0 = time.time()
     run_pipeline(load_config("demo", overrides=overrides), run_dir, progress=False)
     summary = json.loads((run_dir / "results" / "summary.json").read_text())
     recs = [json.loads(p.read_text()) for p in (run_dir / "manifests" / "recover").glob("c*.json")]
     return {"method": method, "ipc": ipc, "seed": seed, "top1": summary["top1"], "epochs": epochs,
             "recover_s": round(sum(r["metrics"].get("seconds", 0.0) for r in recs), 1),
-            "wall_s": round(time.time() - t0, 1), "augmentation": summary["protocol"]["augmentation"]}
+            "wall_s": round(time.time() - t0, 1), "augmentation": summary["protocol"]["augmentation"],
+            "hard_augment": augment}
+
+
+def _aug(row: dict) -> str:
+    return row.get("hard_augment", "auto")  # rows written before the option existed ran with auto
 
 
 def table(rows: list[dict], methods: list[str], ipcs: list[int]) -> str:
     head = "| method | " + " | ".join(f"IPC {i} (here) | IPC {i} (DC paper)" for i in ipcs) + " | recover s (IPC " \
            + "/".join(map(str, ipcs)) + ") |"
     lines = [head, "|" + "---|" * (1 + 2 * len(ipcs) + 1)]
-    for m in methods:
+    variants = sorted({_aug(r) for r in rows}, key=lambda a: a != "auto")
+    for m, aug in ((m, a) for m in methods for a in variants):
+        mine = [r for r in rows if r["method"] == m and _aug(r) == aug]
+        if not mine and aug != "auto":
+            continue
         cells, secs = [], []
         for i in ipcs:
-            acc = [r["top1"] for r in rows if r["method"] == m and r["ipc"] == i]
-            sec = [r["recover_s"] for r in rows if r["method"] == m and r["ipc"] == i]
+            acc = [r["top1"] for r in mine if r["ipc"] == i]
+            sec = [r["recover_s"] for r in mine if r["ipc"] == i]
             if len(acc) > 1:
                 cells.append(f"{statistics.mean(acc):.1f} +- {statistics.stdev(acc):.1f} (n={len(acc)})")
             else:
                 cells.append(f"{acc[0]:.1f} (n=1)" if acc else "-")
-            ref = PAPER.get(m)
+            ref = PAPER.get(m) if aug == "auto" else None
             cells.append(ref[(1, 10).index(i)] if ref and i in (1, 10) else "-")
             secs.append(f"{statistics.mean(sec):.0f}" if sec else "-")
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {'/'.join(secs)} |")
+        name = m if aug == "auto" else f"{m} (aug {aug})"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'/'.join(secs)} |")
     return "\n".join(lines)
 
 
@@ -92,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ipcs", default="1,10", help="comma-separated IPC values")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds")
     p.add_argument("--student-epochs", type=int, default=300, help="hard-protocol student epochs")
+    p.add_argument("--hard-augment", default="auto", choices=("auto", "dsa", "none"),
+                   help="train.hard_augment of the students (auto: DSA augmentation for DSA, DM, DataDAM sets only)")
     p.add_argument("--out", default=None, help="also write the markdown table here")
     p.add_argument("--report", action="store_true", help="only print the table of the results so far")
     args = p.parse_args(argv)
@@ -101,13 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     results = work / "results.jsonl"
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
-    done = {(r["method"], r["ipc"], r["seed"], r["epochs"]) for r in rows}
+    done = {(r["method"], r["ipc"], r["seed"], r["epochs"], _aug(r)) for r in rows}
     for seed in [] if args.report else seeds:
         for ipc in ipcs:
             for m in methods:
-                if (m, ipc, seed, args.student_epochs) in done:
+                if (m, ipc, seed, args.student_epochs, args.hard_augment) in done:
                     continue
-                row = one_run(work, m, ipc, seed, args.student_epochs)
+                row = one_run(work, m, ipc, seed, args.student_epochs, args.hard_augment)
                 print(json.dumps(row), flush=True)
                 with results.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
