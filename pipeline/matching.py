@@ -13,6 +13,10 @@ initialized ConvNet-3 (instance norm by default) from a seed drawn from the unit
 the global RNG. The official code never clamps the images while optimizing, nor does this file: the caller
 denormalizes and clamps to [0, 1] only when encoding. Losses are recorded per iteration as device tensors
 (no host sync inside the loops), divided by the number of classes as the official logs do.
+
+Both loops take an optional `LoopCheckpoint` (`pipeline.unit_state`): they save their whole state at iteration
+boundaries when it says a save is due, and start from the saved state when there is one, so a resumed loop
+returns the same bytes as one that never stopped.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +33,9 @@ from torch import Tensor, nn
 
 from pipeline.dsa import DEFAULT_PARAMS, DSAParams, apply, augment, draw, to_device
 from pipeline.models import ConvNet, Norm
+
+if TYPE_CHECKING:
+    from pipeline.unit_state import LoopCheckpoint
 
 # --------------------------------------------------------------------------------------------------
 # Networks and real images
@@ -211,7 +219,8 @@ class DistributionMatching:
 
 def distribution_matching(syn_init: Tensor, ipc: int, real: RealImages, net: NetSpec, gen: torch.Generator,
                           cfg: DistributionMatching, dsa: DSAParams = DEFAULT_PARAMS,
-                          amp: torch.dtype | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                          amp: torch.dtype | None = None,
+                          ckpt: LoopCheckpoint | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Optimize `syn_init` [K * ipc, 3, H, W] (normalized, class-major) by DM or DataDAM.
 
     Per iteration: a fresh network in train mode whose parameters are never trained; `batch_real` real images of
@@ -225,7 +234,7 @@ def distribution_matching(syn_init: Tensor, ipc: int, real: RealImages, net: Net
     opt = torch.optim.SGD([x], lr=cfg.lr, momentum=cfg.momentum)
     keys = ("total",) if cfg.attention is None else ("total", "attention", "embedding")
     hist = {key: torch.zeros(cfg.iterations, device=device) for key in keys}
-    for it in range(cfg.iterations):
+    for it in range(_resume(ckpt, x, opt, gen, hist, cfg.iterations), cfg.iterations):
         model = fresh_net(net, gen, device).train()
         model.requires_grad_(False)
         reals = [real.sample(k, cfg.batch_real, gen) for k in range(k_classes)]
@@ -237,7 +246,39 @@ def distribution_matching(syn_init: Tensor, ipc: int, real: RealImages, net: Net
         opt.step()
         for key in keys:
             hist[key][it] = losses[key].detach() / k_classes
+        _save(ckpt, it + 1, cfg.iterations, x, opt, gen, hist)
     return x.detach(), hist
+
+
+def _resume(ckpt: LoopCheckpoint | None, x: Tensor, opt: torch.optim.Optimizer, gen: torch.Generator,
+            hist: dict[str, Tensor], iterations: int) -> int:
+    """Restore a saved loop state into (x, opt, gen, hist); the iteration to continue from (0 = none saved)."""
+    state = ckpt.load() if ckpt is not None else None
+    if state is None:
+        return 0
+    if (tuple(state["x"].shape) != tuple(x.shape) or state.get("iterations") != iterations
+            or set(state["hist"]) != set(hist)):
+        raise ValueError(f"the unit checkpoint holds images {tuple(state['x'].shape)} after "
+                         f"{state.get('iterations')} iterations, this loop has {tuple(x.shape)} and {iterations}: "
+                         "it belongs to another unit; delete it")
+    with torch.no_grad():
+        x.copy_(state["x"])
+        for key, h in hist.items():
+            h.copy_(state["hist"][key])
+    opt.load_state_dict(state["opt"])  # the momentum buffer, moved to x's device
+    gen.set_state(state["gen"])
+    return int(state["it"])
+
+
+def _save(ckpt: LoopCheckpoint | None, it: int, iterations: int, x: Tensor, opt: torch.optim.Optimizer,
+          gen: torch.Generator, hist: dict[str, Tensor]) -> None:
+    """After iteration `it - 1`: save the state when the checkpoint says a save is due (never after the last)."""
+    if ckpt is None or it >= iterations or not ckpt.due():
+        return
+    state: dict[str, Any] = {"it": it, "iterations": iterations, "x": x.detach().cpu(), "opt": opt.state_dict(),
+                             "gen": gen.get_state(), "hist": {k: h.cpu() for k, h in hist.items()},
+                             "loss": float(hist["total"][it - 1])}
+    ckpt.save(state)
 
 
 def _check_syn(syn: Tensor, k_classes: int, ipc: int) -> None:
@@ -371,7 +412,8 @@ class GradientMatching:
 
 
 def gradient_matching(syn_init: Tensor, ipc: int, real: RealImages, net: NetSpec, gen: torch.Generator,
-                      cfg: GradientMatching, dsa: DSAParams = DEFAULT_PARAMS) -> tuple[Tensor, dict[str, Tensor]]:
+                      cfg: GradientMatching, dsa: DSAParams = DEFAULT_PARAMS,
+                      ckpt: LoopCheckpoint | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Optimize `syn_init` [K * ipc, 3, H, W] (normalized, class-major; class k has local label k) by DC / DSA.
 
     Per iteration (official `main.py`): a fresh network, trained only by this iteration's inner loops; then
@@ -388,7 +430,7 @@ def gradient_matching(syn_init: Tensor, ipc: int, real: RealImages, net: NetSpec
     opt_img = torch.optim.SGD([x], lr=cfg.lr_img, momentum=cfg.momentum)
     labels = torch.arange(k_classes, device=device).repeat_interleave(ipc)
     hist = torch.zeros(cfg.iterations, device=device)
-    for it in range(cfg.iterations):
+    for it in range(_resume(ckpt, x, opt_img, gen, {"total": hist}, cfg.iterations), cfg.iterations):
         model = fresh_net(net, gen, device).train()
         opt_net = torch.optim.SGD(model.parameters(), lr=cfg.lr_net)
         acc = torch.zeros((), device=device)
@@ -412,6 +454,7 @@ def gradient_matching(syn_init: Tensor, ipc: int, real: RealImages, net: NetSpec
                 train_on_synthetic(model, opt_net, x.detach().clone(), labels, cfg.inner_loop, cfg.batch_train, gen,
                                    cfg.strategy, dsa)
         hist[it] = acc / (k_classes * cfg.outer_loop)
+        _save(ckpt, it + 1, cfg.iterations, x, opt_img, gen, {"total": hist})
     return x.detach(), {"total": hist}
 
 

@@ -38,6 +38,7 @@ from pipeline.methods.dm import DmConfig
 from pipeline.methods.env import RecoverEnv
 from pipeline.seeding import generator
 from pipeline.synthesis import normalize
+from pipeline.unit_state import UnitCheckpoint
 
 RES, CLASSES, PER_CLASS = 16, 3, 40
 MEAN, STD = (0.1, 0.1, 0.1), (0.25, 0.25, 0.25)
@@ -358,3 +359,72 @@ def test_config_validation():
         with pytest.raises(ValueError):
             cfg.validate()
     DmConfig(strategy="none").validate()
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints inside a unit: a loop stopped mid-way and resumed gives the bytes of one that never stopped
+
+
+class _Killed(Exception):
+    pass
+
+
+class _DyingCheckpoint(UnitCheckpoint):
+    """Saves after every iteration, then stops the loop (as a SIGKILL would) right after save number `die_after`."""
+
+    def __init__(self, path, die_after: int) -> None:  # noqa: ANN001
+        super().__init__(path, "tag", every_s=0)
+        self.die_after = die_after
+
+    def save(self, state) -> None:  # noqa: ANN001
+        super().save(state)
+        if self.saves == self.die_after:
+            raise _Killed
+
+
+RESUMABLE = {
+    "dm": DistributionMatching(iterations=5, batch_real=8, strategy=DIGITS),
+    "datadam": DistributionMatching(iterations=5, batch_real=8, strategy=DIGITS, attention=AttentionSpec(p=4.0)),
+    "dc": GradientMatching(iterations=4, outer_loop=2, inner_loop=1, batch_real=8),
+    "dsa": GradientMatching(iterations=4, outer_loop=2, inner_loop=1, batch_real=8, strategy=DIGITS),
+}
+
+
+def _loop(name: str, init: torch.Tensor, real: RealImages, ckpt):  # noqa: ANN001, ANN202
+    spec = NetSpec(num_classes=CLASSES, resolution=RES, width=8)
+    cfg = RESUMABLE[name]
+    if isinstance(cfg, GradientMatching):
+        return gradient_matching(init, 2, real, spec, g(3), cfg, ckpt=ckpt)
+    return distribution_matching(init, 2, real, spec, g(3), cfg, ckpt=ckpt)
+
+
+@pytest.mark.parametrize("name", sorted(RESUMABLE))
+def test_a_loop_killed_after_a_checkpoint_resumes_to_the_same_bytes(real, tmp_path, name):
+    init = torch.randn(2 * CLASSES, 3, RES, RES, generator=g(5))
+    want_x, want_hist = _loop(name, init, real, None)
+    path = tmp_path / "unit.pt"
+    with pytest.raises(_Killed):
+        _loop(name, init, real, _DyingCheckpoint(path, die_after=2))
+    assert path.is_file()
+    again = UnitCheckpoint(path, "tag", every_s=-1)  # the next run: reads the file, saves no more
+    x, hist = _loop(name, init, real, again)
+    assert again.resumed_at == 2 and again.saves == 0
+    assert torch.equal(x, want_x)
+    assert set(hist) == set(want_hist) and all(torch.equal(hist[k], want_hist[k]) for k in hist)
+    # without the momentum buffer or the generator state the continuation differs: the test can tell
+    state = torch.load(path, weights_only=True)
+    state["gen"] = g(99).get_state()
+    torch.save(state, path)
+    x, _ = _loop(name, init, real, UnitCheckpoint(path, "tag", every_s=-1))
+    assert not torch.equal(x, want_x)
+
+
+def test_a_checkpoint_of_another_shape_is_refused(real, tmp_path):
+    path = tmp_path / "unit.pt"
+    init = torch.randn(2 * CLASSES, 3, RES, RES, generator=g(5))
+    with pytest.raises(_Killed):
+        _loop("dm", init, real, _DyingCheckpoint(path, die_after=1))
+    cfg = DistributionMatching(iterations=5, batch_real=8, strategy=DIGITS)
+    with pytest.raises(ValueError, match="another unit; delete it"):
+        distribution_matching(init[:CLASSES], 1, real, NetSpec(num_classes=CLASSES, resolution=RES, width=8), g(3),
+                              cfg, ckpt=UnitCheckpoint(path, "tag", every_s=-1))

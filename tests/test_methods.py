@@ -157,12 +157,14 @@ def test_every_method_runs_end_to_end_to_a_summary(teacher_run, tmp_path, method
 
 
 @pytest.mark.slow
-def test_a_matching_unit_killed_mid_stage_reruns_to_the_same_bytes(teacher_run, tmp_path):
-    """DM units (whole class shards) after a SIGKILL of the driver: the finished unit is kept, the killed one is
-    redone, and every output equals a clean run's."""
+def test_a_matching_unit_killed_mid_stage_resumes_from_its_checkpoint_to_the_same_bytes(teacher_run, tmp_path):
+    """DM units (whole class shards) after a SIGKILL of the driver inside the second unit: the finished unit is
+    kept, the killed one resumes from its last checkpoint (saved after every iteration here), and every output
+    equals a clean run's; the checkpoint is gone once the unit is done."""
     import sys
     from pathlib import Path
 
+    from pipeline.stages.recover import UNIT_STATE_DIR
     from tests.helpers import FAST
 
     sets = ["recover.method=dm", "recover.dm.iterations=40", "recover.dm.width=16", "recover.dm.batch_real=8"]
@@ -170,12 +172,19 @@ def test_a_matching_unit_killed_mid_stage_reruns_to_the_same_bytes(teacher_run, 
     run_pipeline(fast_config(*sets), clean, stages=["recover"], progress=False)
     run_dir = clone_run(teacher_run, tmp_path / "killed")
     cmd = [sys.executable, "-m", "workers.cli", "run", "--run-dir", str(run_dir), "--stages", "recover", "--no-progress"]
-    for o in [*FAST, *sets]:
+    for o in [*FAST, *sets, "recover.checkpoint_every_s=0"]:
         cmd += ["--set", o]
-    units = run_dir / "manifests" / "recover"
-    sigkill_when(cmd, Path(__file__).resolve().parents[1], lambda: bool(list(units.glob("c*.json"))))
+    units, partial = run_dir / "manifests" / "recover", run_dir / UNIT_STATE_DIR
+    sigkill_when(cmd, Path(__file__).resolve().parents[1],
+                 lambda: bool(list(units.glob("c*.json"))) and bool(list(partial.glob("*.pt"))))
     assert len(list(units.glob("c*.json"))) == 1, "the kill came too late to leave a unit undone"
+    (saved,) = partial.glob("*.pt")
+    at = torch.load(saved, weights_only=True)["it"]
     run_pipeline(fast_config(*sets), run_dir, stages=["recover"], progress=False)
-    got = {r.unit: [(o.uri, o.sha256) for o in r.outputs] for r in ManifestStore(run_dir).records("recover")}
+    recs = ManifestStore(run_dir).records("recover")
+    got = {r.unit: [(o.uri, o.sha256) for o in r.outputs] for r in recs}
     want = {r.unit: [(o.uri, o.sha256) for o in r.outputs] for r in ManifestStore(clean).records("recover")}
     assert got == want and len(got) == 2
+    resumed = [r.metrics.get("resumed_at_iteration") for r in recs if r.unit == saved.stem]
+    assert resumed and resumed[0] is not None and resumed[0] >= at >= 1
+    assert not list(partial.glob("*")), "a finished unit leaves no checkpoint behind"

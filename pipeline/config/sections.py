@@ -107,6 +107,9 @@ class RecoverCommon:
     compile: str = _f("auto", "auto | on | off: torch.compile SRe2L/DWA's teacher forward and losses (auto: on "
                       "for units of at least 1000 batch-iterations, where the 20-40 s compile is repaid; a "
                       "failed compile falls back to eager with a warning under auto, stops the unit under on)")
+    checkpoint_every_s: float = _op(300.0, "DM, DataDAM, DC, DSA: seconds between checkpoints inside a unit "
+                                    "(checkpoints/recover-units), from which a killed unit resumes to the same "
+                                    "bytes (0 = after every iteration, -1 = never)")
     batches_per_forward: int = _since(0, "SRe2L: IPC batches of a unit optimized in one teacher forward, each "
                                       "batch with its own CE and BN statistics (0 = auto: 1 on CPU, where it "
                                       "does not pay; on GPU up to 1024 images per forward, halved if memory runs "

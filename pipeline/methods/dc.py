@@ -98,7 +98,8 @@ class GradientMatchingWorker:
                                     batch_train=c.batch_train, strategy=c.dsa_strategy())
         real = load_real(env, classes)
         init = initial_images(env, classes, ipc, gen)
-        images, hist = gradient_matching(init, len(ipc), real, net_spec(env, c, classes), gen, settings)
+        images, hist = gradient_matching(init, len(ipc), real, net_spec(env, c, classes), gen, settings,
+                                         ckpt=env.checkpoint(unit_key))
         out = method_output(env, images, hist, classes, ipc, c.iterations)
         out.metrics.update(outer_loop=outer, inner_loop=inner)
         return out

@@ -157,7 +157,7 @@ class DistributionMatchingWorker:
         real = load_real(env, classes)
         init = initial_images(env, classes, ipc, gen)
         images, hist = distribution_matching(init, len(ipc), real, net_spec(env, self.cfg, classes), gen,
-                                             self.settings(len(ipc)), amp=env.amp)
+                                             self.settings(len(ipc)), amp=env.amp, ckpt=env.checkpoint(unit_key))
         return method_output(env, images, hist, classes, ipc, self.cfg.iterations)
 
 

@@ -59,10 +59,33 @@ class RecoverEnv:
     # `init_rows` comes back to them for every IPC index. ImageNet + ResNet-18 (512-d, ~1300 images a class):
     # about 2.7 MB a class, 340 MB in all, in host memory.
     feature_cache_classes: int = 128
+    # Checkpoints inside a unit (`pipeline.unit_state`): their folder (None = none: loops run straight through),
+    # the tag that ties a file to this configuration (the recover stage's config hash), the seconds between saves.
+    unit_state_dir: Path | None = None
+    unit_state_tag: str = ""
+    checkpoint_every_s: float = 300.0
+    _checkpoints: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
     _forward: OrderedDict[int, ClassForward] = field(default_factory=OrderedDict, init=False, repr=False,
                                                      compare=False)
     # Derived per-class row lists (a few ints each, so never evicted): correct rows, greedy selections.
     _rows: dict[tuple[str, int], list[int]] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def checkpoint(self, unit_key: str) -> Any:
+        """The unit's `UnitCheckpoint` (the same object for every call during the unit; the recover stage takes
+        it back with `pop_checkpoint`), or None when this env has no checkpoint folder."""
+        if self.unit_state_dir is None:
+            return None
+        if unit_key not in self._checkpoints:
+            from pipeline.unit_state import UnitCheckpoint
+
+            self._checkpoints[unit_key] = UnitCheckpoint(self.unit_state_dir / f"{unit_key}.pt",
+                                                         f"{self.unit_state_tag}:{unit_key}",
+                                                         self.checkpoint_every_s, label=unit_key)
+        return self._checkpoints[unit_key]
+
+    def pop_checkpoint(self, unit_key: str) -> Any:
+        """The checkpoint the unit used (None if it used none), forgotten by this env."""
+        return self._checkpoints.pop(unit_key, None)
 
     def require_real(self) -> RealPool:
         if self.real is None:

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 GRID_DIR = "results/grids"
 # Inits chosen by the teacher (its predictions or its features): they load it even for methods that do not.
 TEACHER_INITS = ("real-correct", "real-herding", "real-k-center", "real-loss-score")
+UNIT_STATE_DIR = "checkpoints/recover-units"  # checkpoints inside long units (`pipeline.unit_state`)
 UNIT_THREADS = 1
 """Torch CPU threads of every recover unit, whatever the worker has. CPU kernels split reductions by thread
 (BatchNorm's backward is where recover's bytes first differ), so the count is part of the result: one thread
@@ -75,7 +76,7 @@ class RecoverStage(Stage):
     sections = ("seed", "recover", "eval.holdout_fraction")  # the holdout slice never enters the pool
     distributed = True
     needs_gpu = True
-    output_dirs = (SYNTHETIC_DIR, GRID_DIR)
+    output_dirs = (SYNTHETIC_DIR, GRID_DIR, UNIT_STATE_DIR)
 
     def per_shard(self, ctx: RunContext) -> int:
         c = real_meta(ctx)["num_classes"]
@@ -167,7 +168,8 @@ def open_env(ctx: RunContext, device: torch.device) -> Any:
                      init=resolved_init(r.method, r.init),
                      amp=torch.bfloat16 if (r.amp == "bf16" and device.type == "cuda") else None,
                      channels_last=r.channels_last, compile=r.compile,
-                     batches_per_forward=r.batches_per_forward)
+                     batches_per_forward=r.batches_per_forward, unit_state_dir=ctx.path(UNIT_STATE_DIR),
+                     unit_state_tag=ctx.hashes.get("recover", ""), checkpoint_every_s=r.checkpoint_every_s)
     if method.needs.teacher or env.init in TEACHER_INITS:
         env.teacher = run_teacher(ctx, device)
         if r.channels_last and device.type == "cuda":
@@ -227,8 +229,15 @@ class RecoverWorker:
                    for img, c, j in zip(out.images, out.classes, out.ipc_index, strict=True)]
         paths = write_shard(ctx.path(SYNTHETIC_DIR), unit.key, samples)
         seconds = time.time() - t0
+        resumed: dict[str, Any] = {}
+        ckpt = self.env.pop_checkpoint(unit.key)
+        if ckpt is not None:  # the outputs are written: the unit's checkpoint has served
+            if ckpt.resumed_at:  # seconds cover the runs before the kill too, so the rates stay per unit
+                seconds += ckpt.prior_seconds
+                resumed = {"resumed_at_iteration": ckpt.resumed_at}
+            ckpt.clear()
         metrics: dict[str, Any] = {"images": len(samples), "seconds": round(seconds, 3), "device": self.device.type,
-                                   **out.metrics}
+                                   **resumed, **out.metrics}
         metrics.setdefault("image_iterations", 0)
         if seconds > 0:  # cost per unit, comparable across methods (selection methods: images/s)
             key = "image_iterations_per_s" if self.method.synthesizes else "images_per_s"
