@@ -122,6 +122,13 @@ class UnitActor:
             from pipeline.cost import GPU_SHARE_ENV
 
             os.environ[GPU_SHARE_ENV] = str(gpu_share)
+        progress = logging.getLogger("pipeline.unit_state")  # a long unit's saves and resumes: its progress,
+        if not progress.handlers:  # on the actor's stderr, which Ray forwards to the driver's console
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            progress.addHandler(handler)
+            progress.setLevel(logging.INFO)
+            progress.propagate = False
         try:
             import torch
 
