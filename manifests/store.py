@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from manifests.schema import Record
 
@@ -195,6 +196,21 @@ def read_record(path: Path) -> Record:
                             "its unit runs again") from None
 
 
+def _lock_holder(fd: int, wait_s: float = 1.0) -> dict[str, Any]:
+    """The host and pid the lock's holder wrote into the file. A holder that has just taken the lock writes
+    them a moment later (between its `flock` and its write the file is empty), so an empty or partly written
+    file is read again for up to `wait_s` seconds; {} if it stays so."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except ValueError:
+            holder = {}
+        if holder or time.monotonic() >= deadline:
+            return holder if isinstance(holder, dict) else {}
+        time.sleep(0.02)
+
+
 @contextmanager
 def run_dir_lock(run_dir: Path) -> Iterator[Path]:
     """Hold an exclusive `flock` on RUN_DIR/.lock for the block: one driver per run directory.
@@ -211,12 +227,10 @@ def run_dir_lock(run_dir: Path) -> Iterator[Path]:
         except OSError as exc:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
-            try:
-                holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
-            except ValueError:
-                holder = {}
+            holder = _lock_holder(fd)
             who = (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, since "
-                   f"{holder.get('started', '?')}") if holder else "holder unknown"
+                   f"{holder.get('started', '?')}") if holder else "a driver that is starting and has not yet " \
+                                                                      "written its host and pid"
             raise RunDirBusy(f"run directory {run_dir} is in use by another `distill run` ({who}); wait for it to "
                              "end or stop it: its lock goes with the process") from None
         info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -254,6 +254,35 @@ def test_a_second_driver_is_refused_at_once_naming_the_holder_until_the_holder_d
             holder.wait()
 
 
+def test_a_holder_caught_before_it_wrote_its_pid_is_named_once_it_has(tmp_path: Path) -> None:
+    """The holder takes the flock, then writes its host and pid: a second driver that comes in between waits a
+    moment for them instead of reporting an unknown holder; a holder that never writes them is called a
+    starting driver."""
+    import fcntl
+    import json
+    import os
+    import threading
+
+    from manifests.store import LOCK_FILE, RunDirBusy, run_dir_lock
+
+    fd = os.open(tmp_path / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by "another driver" that has written nothing yet
+        info = {"host": "node-7", "pid": 4242, "started": "2026-12-01 10:00:00"}
+        writer = threading.Timer(0.2, lambda: os.pwrite(fd, json.dumps(info).encode(), 0))
+        writer.start()
+        with pytest.raises(RunDirBusy, match="host node-7, pid 4242, since 2026-12-01 10:00:00"):
+            with run_dir_lock(tmp_path):
+                pass
+        writer.join()
+        os.ftruncate(fd, 0)
+        with pytest.raises(RunDirBusy, match="a driver that is starting and has not yet written its host and pid"):
+            with run_dir_lock(tmp_path):
+                pass
+    finally:
+        os.close(fd)
+
+
 # ----------------------------------------------------------------------------- 9. errors as messages
 
 
