@@ -5,15 +5,17 @@ DC paper's MNIST numbers.
     python benchmarks/sanity_table.py --work runs/sanity --methods dm,dc --ipcs 1
 
 For each run seed the demo teacher is trained once (`<work>/teacher-s<seed>`: ingest + squeeze of the demo
-recipe with that seed); each (method, IPC, seed) is a run directory cloned from it that runs recover, train
+recipe with that seed; processes of one seed may run side by side once it is trained: each waits its turn to
+check it); each (method, IPC, seed) is a run directory cloned from it that runs recover, train
 (`train.protocol=hard`) and evaluate with the demo recipe's settings, which shorten the matching methods (see
 `distill recipes demo`). The hard student's epochs are `--student-epochs` (default 300 for every method: the
 official 1000 for DSA-augmented sets is shortened). `--hard-augment dsa` trains every student with the DSA
 augmentation (the hard protocol's `auto` gives it only to sets made by DSA, DM and DataDAM, as their papers
 do): with `--methods random-real` that is the fair reference for those rows; such runs are kept apart (run
-directory `<method>-ipc<i>-s<seed>-aug-dsa`, table row `<method> (aug dsa)`). Results are appended to `<work>/results.jsonl` as each run
-finishes, so an interrupted table resumes where it stopped; the markdown table is printed at the end (and
-written to `--out`).
+directory `<method>-ipc<i>-s<seed>-aug-dsa`, table row `<method> (aug dsa)`). Results are appended to
+`<work>/results.jsonl` as each run finishes, so an interrupted table resumes where it stopped (a matching
+method's unit from its last checkpoint inside the unit); the markdown table is printed at the end (and written
+to `--out`).
 """
 
 from __future__ import annotations
@@ -40,12 +42,20 @@ COMMON = ["executor.kind=local", "data.num_workers=0", "eval.protocols=[]", "eva
 
 
 def teacher(work: Path, seed: int) -> Path:
+    from manifests.store import RunDirBusy
     from pipeline.recipes import load_config
     from pipeline.runner import run_pipeline
 
     run_dir = work / f"teacher-s{seed}"
-    run_pipeline(load_config("demo", overrides=[*COMMON, f"seed={seed}"]), run_dir, stages=["ingest", "squeeze"],
-                 progress=False)
+    for attempt in range(60):  # another table process of this seed may be checking the teacher: a few seconds
+        try:
+            run_pipeline(load_config("demo", overrides=[*COMMON, f"seed={seed}"]), run_dir,
+                         stages=["ingest", "squeeze"], progress=False)
+            return run_dir
+        except RunDirBusy:
+            if attempt == 59 or not (run_dir / "manifests" / "squeeze" / "_stage.json").exists():
+                raise  # still busy after a minute, or busy training the teacher: run the seeds one by one
+            time.sleep(1.0)
     return run_dir
 
 
