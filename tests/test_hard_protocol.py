@@ -25,20 +25,26 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("method, augment, strategy, epochs", [
-    ("dsa", "auto", "color_crop_cutout_scale_rotate", 1000),  # DSA's own strategy (the demo's: digits), 1000 epochs
-    ("dm", "auto", "color_crop_scale", 1000),  # the method's strategy (set below)
-    ("dc", "auto", "", 300),  # DC: no augmentation, 300 epochs
-    ("random-real", "auto", "", 300),
-    ("random-real", "dsa", "color_crop_cutout_flip_scale_rotate", 1000),
-    ("dsa", "none", "", 300),
+DIGITS = "color_crop_cutout_scale_rotate"
+FULL = "color_crop_cutout_flip_scale_rotate"
+
+
+@pytest.mark.parametrize("method, augment, hard_strategy, strategy, epochs", [
+    ("dsa", "auto", "recipe", DIGITS, 1000),  # the demo's digits strategy (also DSA's own), 1000 epochs
+    ("dm", "auto", "auto", "color_crop_scale", 1000),  # auto: the method's strategy (set below)
+    ("dc", "auto", "recipe", "", 300),  # DC: no augmentation, 300 epochs
+    ("random-real", "auto", "recipe", "", 300),
+    ("random-real", "dsa", "recipe", DIGITS, 1000),  # the fair reference: the transforms the digits sets get
+    ("random-real", "dsa", "auto", FULL, 1000),  # auto without a method strategy: the full official one
+    ("dsa", "none", "recipe", "", 300),
 ])
-def test_hard_settings_follow_the_methods_papers(teacher_run, method, augment, strategy, epochs):
+def test_hard_settings_follow_the_methods_papers(teacher_run, method, augment, hard_strategy, strategy, epochs):
     from pipeline.stages.common import matrix
     from pipeline.stages.train import hard_spec
 
+    own = [] if hard_strategy == "recipe" else [f"train.hard_dsa_strategy={hard_strategy}"]
     cfg = fast_config(f"recover.method={method}", "train.protocol=hard", f"train.hard_augment={augment}",
-                      "recover.dm.strategy=color_crop_scale")
+                      "recover.dm.strategy=color_crop_scale", *own)
     ctx = open_context(cfg, teacher_run)
     spec = hard_spec(ctx)
     assert (spec.dsa_strategy, spec.epochs) == (strategy, epochs)

@@ -182,8 +182,9 @@ class TrainConfig:
     hard_weight_decay: float = _f(5e-4, "hard protocol: weight decay")
     hard_augment: str = _f("auto", "hard protocol: auto (DSA augmentation for sets made by dsa, dm and "
                            "datadam, none otherwise, as their papers) | dsa | none")
-    hard_dsa_strategy: str = _f("auto", "hard protocol: DSA strategy; auto = the recover method's strategy, else "
-                                "color_crop_cutout_flip_scale_rotate")
+    hard_dsa_strategy: str = _f("auto", "hard protocol: DSA strategy of every set that is augmented; auto = the "
+                                "recover method's strategy, else color_crop_cutout_flip_scale_rotate (the demo "
+                                "recipe: the digits strategy, no flip)")
 
 
 @dataclass
