@@ -7,10 +7,10 @@ iterations). The loops in `pipeline.matching` save their whole state at iteratio
 the next run restore it, so the resumed unit gives the same bytes as one that never stopped.
 
 `UnitCheckpoint` is the file behind it: `<run>/checkpoints/recover-units/<unit key>.pt`, written whole through
-a temporary file and a rename (a kill mid-write leaves the previous one), saved at most every `every_s` seconds
-of the unit's compute (`recover.checkpoint_every_s`; 0 = after every iteration, negative = never), tagged with
-the recover stage's config hash and the unit key: a file from another configuration is ignored, with a
-warning, and overwritten. The recover stage deletes it once the unit's outputs are written.
+a temporary file and a rename (a kill mid-write leaves the previous one), saved at the first iteration boundary
+once `every_s` seconds have passed since the last save (`recover.checkpoint_every_s`; 0 = after every
+iteration, negative = never), tagged with the recover stage's config hash and the unit key: a file from
+another configuration is ignored, with a warning, and overwritten. The recover stage deletes it once the unit's outputs are written.
 """
 
 from __future__ import annotations

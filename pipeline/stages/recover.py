@@ -220,6 +220,7 @@ class RecoverWorker:
         c0, c1 = unit.payload["classes"]
         i0, i1 = unit.payload["ipc"]
         t0 = time.time()
+        self.env.pop_checkpoint(unit.key)  # a retry of a unit that raised here starts with a fresh file handle
         with torch_threads(UNIT_THREADS):
             out = self.impl.run(range(c0, c1), range(i0, i1), generator(ctx.config.seed, "recover", unit.key),
                                 unit.key)
