@@ -90,7 +90,7 @@ def table(rows: list[dict], methods: list[str], ipcs: list[int]) -> str:
     lines = [head, "|" + "---|" * (1 + 2 * len(ipcs) + 1)]
     variants = sorted({_aug(r) for r in rows}, key=lambda a: a != "auto")
     for m, aug in ((m, a) for m in methods for a in variants):
-        mine = [r for r in rows if r["method"] == m and _aug(r) == aug]
+        mine = [r for r in rows if r["method"] == m and _aug(r) == aug and r["ipc"] in ipcs]
         if not mine and aug != "auto":
             continue
         cells, secs = [], []
