@@ -74,7 +74,7 @@ def test_hard_protocol_runs_end_to_end_without_relabel_and_twice_the_same(teache
         assert summary["student"] == "convnet-in" and summary["relabel_mode"] is None
         proto = summary["protocol"]
         assert proto["name"] == "hard" and proto["loss"] == "cross-entropy on hard labels"
-        assert proto["epochs"] == 30 and proto["augmentation"].startswith("DSA color_crop_cutout_flip_scale_rotate")
+        assert proto["epochs"] == 30 and proto["augmentation"].startswith(f"DSA {DIGITS}")
         assert summary["top1"] > 30.0  # 20 real digits, 30 epochs: well above the 10 % of chance
         assert store.load("train", "hard-convnet-in-s0").metrics["protocol"] == "hard"
     assert shas[0] == shas[1]
