@@ -47,16 +47,17 @@ def teacher(work: Path, seed: int) -> Path:
     from pipeline.runner import run_pipeline
 
     run_dir = work / f"teacher-s{seed}"
-    for attempt in range(60):  # another table process of this seed may be checking the teacher: a few seconds
+    attempt = 0
+    while True:  # another table process of this seed may be checking the teacher: a few seconds
         try:
             run_pipeline(load_config("demo", overrides=[*COMMON, f"seed={seed}"]), run_dir,
                          stages=["ingest", "squeeze"], progress=False)
             return run_dir
         except RunDirBusy:
-            if attempt == 59 or not (run_dir / "manifests" / "squeeze" / "_stage.json").exists():
+            attempt += 1
+            if attempt == 60 or not (run_dir / "manifests" / "squeeze" / "_stage.json").exists():
                 raise  # still busy after a minute, or busy training the teacher: run the seeds one by one
             time.sleep(1.0)
-    return run_dir
 
 
 def one_run(work: Path, method: str, ipc: int, seed: int, epochs: int, augment: str = "auto") -> dict:

@@ -80,9 +80,5 @@ class UnitCheckpoint:
         log.info("recover %s: iteration %d of %d, loss %.4g (unit checkpoint saved)", self.label, int(state["it"]),
                  int(state.get("iterations", 0)), float(state.get("loss", float("nan"))))
 
-    def seconds(self) -> float:
-        """The unit's compute time so far, over every run that worked on it."""
-        return self.prior_seconds + (self.clock() - self.started)
-
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -43,7 +43,8 @@ def test_a_resumed_unit_counts_the_seconds_of_the_runs_before(tmp_path):
     assert state is not None and state["it"] == 7 and torch.equal(state["x"], torch.ones(2))
     assert second.resumed_at == 7 and second.prior_seconds == 12
     clock.t += 3
-    assert second.seconds() == 15
+    second.save({"it": 9, "iterations": 20, "x": torch.ones(2), "loss": 0.4})
+    assert UnitCheckpoint(path, "tag", every_s=10, clock=clock).load()["seconds"] == 15  # 12 before, 3 since
     second.clear()
     assert not path.exists()
     assert [p.name for p in tmp_path.iterdir()] == []  # no temporary file left beside it
