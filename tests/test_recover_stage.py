@@ -509,6 +509,14 @@ def test_sre2l_batches_sharing_a_forward_match_one_batch_per_forward_and_halve_w
     assert ca == cb and len(ca) == 10 * 2
     diffs = [np.abs(decode_rgb(a.raw(i)).astype(int) - decode_rgb(b.raw(i)).astype(int)).max() for i in range(len(ca))]
     assert max(diffs) <= 1, diffs
+    # Each batch's loss summary is read from its own column of the merged loss curves.
+    x_units, y_units = ({r.unit: {k: v for k, v in r.metrics.items() if k.startswith("loss_")}
+                         for r in ManifestStore(d).records("recover")} for d in (one, two))
+    assert x_units.keys() == y_units.keys() and x_units
+    for key, x in x_units.items():
+        y = y_units[key]
+        assert x.keys() == y.keys() and {"loss_ce", "loss_ce_first", "loss_bn"} <= x.keys(), x.keys()
+        assert all(y[k] == pytest.approx(x[k], rel=1e-3, abs=1e-5) for k in x), (x, y)
 
     import pipeline.synthesis as synthesis
 

@@ -142,7 +142,7 @@ class SynthesisWorker:
     def run(self, classes: range, ipc: range, gen: Any, unit_key: str) -> MethodOutput:
         import torch
 
-        from pipeline.synthesis import DWAParams, RecoverParams, init_images
+        from pipeline.synthesis import DWAParams, RecoverParams
 
         env, c = self.env, self.cfg
         params = RecoverParams(iterations=c.iterations, lr=c.lr, r_bn=c.r_bn, r_var=c.r_var,
@@ -161,9 +161,7 @@ class SynthesisWorker:
         if groups > 1:
             return self._run_merged(classes, ipc, gen, params, targets, compiled, groups)
         for j in ipc:
-            real = env.init_batch(classes, j) if env.init.startswith("real") else None
-            init = init_images("real" if real is not None else env.init, len(targets), env.resolution, gen,
-                               real=real, device=env.device)
+            init = self._init_batch(classes, j, gen)
             subset = self.dwa.subset(env, classes, unit_key, j) if self.dwa is not None else None
             images, hist, was_compiled = self._synthesize(
                 compiled, gen, env.teacher, targets, init, params, dwa_batch=subset,
@@ -172,21 +170,14 @@ class SynthesisWorker:
             compiled_batches += int(was_compiled)
             if "dwa_delta_norm" in hist:
                 radius.append(hist.pop("dwa_delta_norm"))
-            tail = max(1, c.iterations // 20)
-            last = {k: float(v[-tail:].mean()) for k, v in hist.items()}  # one host sync per batch
-            last.update({f"{k}_first": float(v[0]) for k, v in hist.items()})
-            finals.append(last)
-            for cls, img in zip(classes, images, strict=True):
-                out.images.append(img)
-                out.classes.append(cls)
-                out.ipc_index.append(j)
+            self._keep(out, finals, hist, classes, images, j)
         return self._finish(out, finals, compiled_batches, len(ipc), radius, 1)
 
     def _run_merged(self, classes: range, ipc: range, gen: Any, params: Any, targets: Any, compiled: bool,
                     groups: int) -> MethodOutput:
         """SRe2L with `groups` IPC batches per forward: each batch's init and all its augmentations are drawn
         from `gen` in the order of the one-batch loop before any is optimized, so the draws are the same."""
-        from pipeline.synthesis import draw_augment, init_images
+        from pipeline.synthesis import draw_augment
 
         env, c = self.env, self.cfg
         out = MethodOutput(images=[], classes=[], ipc_index=[])
@@ -197,22 +188,37 @@ class SynthesisWorker:
             chunk = order[start:start + groups]
             inits, draws = [], []
             for j in chunk:
-                real = env.init_batch(classes, j) if env.init.startswith("real") else None
-                inits.append(init_images("real" if real is not None else env.init, len(targets), env.resolution,
-                                         gen, real=real, device=env.device))
+                inits.append(self._init_batch(classes, j, gen))
                 draws.append([draw_augment(gen, env.resolution, env.resolution, params.crop_scale, params.jitter,
                                            params.flip, params.crop) for _ in range(c.iterations)])
             images, hist, was_compiled = self._synthesize_merged(compiled, gen, targets, inits, draws, params)
             compiled_batches += len(chunk) * int(was_compiled)
-            tail = max(1, c.iterations // 20)
+            n = len(targets)
             for g, j in enumerate(chunk):
-                finals.append({k: float(v[-tail:, g].mean()) for k, v in hist.items()})
-                finals[-1].update({f"{k}_first": float(v[0, g]) for k, v in hist.items()})
-                for cls, img in zip(classes, images[g * len(targets):(g + 1) * len(targets)], strict=True):
-                    out.images.append(img)
-                    out.classes.append(cls)
-                    out.ipc_index.append(j)
+                self._keep(out, finals, {k: v[:, g] for k, v in hist.items()}, classes, images[g * n:(g + 1) * n], j)
         return self._finish(out, finals, compiled_batches, len(ipc), [], groups)
+
+    def _init_batch(self, classes: range, j: int, gen: Any) -> Any:
+        """Batch `j`'s starting images, one per class: real ones where the init asks for them, else noise."""
+        from pipeline.synthesis import init_images
+
+        env = self.env
+        real = env.init_batch(classes, j) if env.init.startswith("real") else None
+        return init_images("real" if real is not None else env.init, len(classes), env.resolution, gen,
+                           real=real, device=env.device)
+
+    def _keep(self, out: MethodOutput, finals: list[dict[str, float]], hist: dict[str, Any], classes: range,
+              images: Any, j: int) -> None:
+        """Adds batch `j`'s images to `out` and its loss summary (mean of the last 5 %, and the first) to
+        `finals`; `hist` holds one loss curve per key for this batch."""
+        tail = max(1, self.cfg.iterations // 20)
+        last = {k: float(v[-tail:].mean()) for k, v in hist.items()}  # one host sync per batch
+        last.update({f"{k}_first": float(v[0]) for k, v in hist.items()})
+        finals.append(last)
+        for cls, img in zip(classes, images, strict=True):
+            out.images.append(img)
+            out.classes.append(cls)
+            out.ipc_index.append(j)
 
     def _finish(self, out: MethodOutput, finals: list[dict[str, float]], compiled_batches: int, batches: int,
                 radius: list[Any], groups: int) -> MethodOutput:
