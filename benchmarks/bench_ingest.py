@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.recipes import load_config
-from pipeline.runner import run_pipeline
+from pipeline.commands.recipes import load_config
+from pipeline.run.runner import run_pipeline
 
 
 def make_folder(root: Path, classes: int, per_class: int, size: int = 224) -> int:

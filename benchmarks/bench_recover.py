@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.methods.synthesis import DWAParams, RecoverParams, dwa_perturb, restore_parameters, synthesize_batch
 from pipeline.models import build_model
-from pipeline.synthesis import DWAParams, RecoverParams, dwa_perturb, restore_parameters, synthesize_batch
 
 
 def _teacher(arch: str, classes: int, res: int, device: str) -> torch.nn.Module:
@@ -87,8 +87,8 @@ def bench_rn18(device: str, iterations: int, amp: bool) -> None:
 
 
 def bench_actors() -> None:
-    from pipeline.recipes import load_config
-    from pipeline.runner import run_pipeline, run_stage
+    from pipeline.commands.recipes import load_config
+    from pipeline.run.runner import run_pipeline, run_stage
     from workers.ray_executor import RayExecutor
 
     with tempfile.TemporaryDirectory() as tmp:

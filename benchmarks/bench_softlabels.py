@@ -30,7 +30,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.augment import ViewConfig, draw_views
+from pipeline.augment.views import ViewConfig, draw_views
 from pipeline.softlabels import (
     FKD_METADATA_BYTES,
     ViewSource,
@@ -83,10 +83,10 @@ def demo_logits(run_dir: Path | None, views: int, std: float, top: float) -> tup
     from pipeline.config import config_from_json
     from pipeline.data.shards import read_index
     from pipeline.data.synthetic import SYNTHETIC_DIR, load_images
-    from pipeline.runner import open_context
-    from pipeline.stages.common import real_meta, real_shards, recover_index_paths, run_teacher
-    from pipeline.stages.relabel import view_spec
-    from pipeline.student import render_views
+    from pipeline.run.runner import open_context
+    from pipeline.run.stages.common import real_meta, real_shards, recover_index_paths, run_teacher
+    from pipeline.run.stages.relabel import view_spec
+    from pipeline.train.student import render_views
 
     ctx = open_context(config_from_json(run_dir / "config.json"), run_dir)
     teacher = run_teacher(ctx, torch.device("cpu"))

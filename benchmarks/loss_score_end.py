@@ -5,7 +5,7 @@
 Per class, a seeded 20 % of the training images is held out; the rest is the pool. From the pool, IPC images per
 class are chosen by the class-normalized loss score from the squeeze stage's loss buffers (`score` or `score2`,
 lowest first = `take=low`, highest first = `take=high`) or at random; a hard-protocol student (ConvNet-3 IN, SGD,
-`pipeline.hardlabel`, no augmentation) is trained on them and scored on the held-out training images. The
+`pipeline.train.hardlabel`, no augmentation) is trained on them and scored on the held-out training images. The
 validation split is never read. The teacher saw the held-out images while training (the statistics come from it),
 the students never do.
 """
@@ -26,12 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pipeline.config import config_from_json
+    from pipeline.core.seeding import generator
     from pipeline.data.classmap import read_class_map
-    from pipeline.hardlabel import HardSpec, make_optimizer, train_epoch
-    from pipeline.methods.env import RealPool
+    from pipeline.methods.realpool import RealPool
+    from pipeline.methods.selection import loss_scores, rank
     from pipeline.models import build_model
-    from pipeline.seeding import generator
-    from pipeline.selection import loss_scores, rank
+    from pipeline.train.hardlabel import make_optimizer, train_epoch
+    from pipeline.train.jobs import HardSpec
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", required=True)

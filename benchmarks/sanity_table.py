@@ -43,8 +43,8 @@ COMMON = ["executor.kind=local", "data.num_workers=0", "eval.protocols=[]", "eva
 
 def teacher(work: Path, seed: int) -> Path:
     from manifests.store import RunDirBusy
-    from pipeline.recipes import load_config
-    from pipeline.runner import run_pipeline
+    from pipeline.commands.recipes import load_config
+    from pipeline.run.runner import run_pipeline
 
     run_dir = work / f"teacher-s{seed}"
     attempt = 0
@@ -61,8 +61,8 @@ def teacher(work: Path, seed: int) -> Path:
 
 
 def one_run(work: Path, method: str, ipc: int, seed: int, epochs: int, augment: str = "auto") -> dict:
-    from pipeline.recipes import load_config
-    from pipeline.runner import run_pipeline
+    from pipeline.commands.recipes import load_config
+    from pipeline.run.runner import run_pipeline
 
     src = teacher(work, seed)
     run_dir = work / (f"{method}-ipc{ipc}-s{seed}" + ("" if augment == "auto" else f"-aug-{augment}"))

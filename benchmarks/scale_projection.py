@@ -45,8 +45,8 @@ def measure_overhead(units: int) -> float:
     import tempfile
 
     from manifests.store import ManifestStore
-    from pipeline.recipes import load_config
-    from pipeline.runner import run_pipeline
+    from pipeline.commands.recipes import load_config
+    from pipeline.run.runner import run_pipeline
     from workers.cli import make_executor
 
     base = ["data.num_workers=0", "eval.baselines=[]", "eval.protocols=[]", "executor.kind=ray",

@@ -88,11 +88,8 @@ def _read_config(run_dir: Path) -> dict[str, Any]:
 
 
 def _incomplete_message(run_dir: Path, records: dict[str, list[Record]]) -> str:
-    done = [s for s, recs in records.items() if any(r.unit == STAGE_RECORD for r in recs)]
-    from pipeline.stages import stage_order  # the one list of stages (only for this message's order)
-
-    order = stage_order()
-    done.sort(key=lambda s: (order.index(s) if s in order else len(order), s))
+    ended = {s: r.ended for s, recs in records.items() for r in recs if r.unit == STAGE_RECORD}
+    done = sorted(ended, key=lambda s: (ended[s], s))  # the order the stages completed in: the run order
     failed = sorted(p.parent.name for p in (run_dir / "manifests").glob("*/*.failed.json"))
     msg = f"run {run_dir}: incomplete (no evaluate record; stages complete: {', '.join(done) or 'none'}"
     if failed:

@@ -21,7 +21,7 @@ def image_folder(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def teacher_run(tmp_path_factory) -> Path:
     """A demo run directory with ingest and squeeze done under FAST (do not modify: clone it)."""
-    from pipeline.runner import run_pipeline
+    from pipeline.run.runner import run_pipeline
 
     run_dir = tmp_path_factory.mktemp("teacher") / "run"
     run_pipeline(fast_config(), run_dir, stages=["ingest", "squeeze"], progress=False)

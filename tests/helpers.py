@@ -46,7 +46,7 @@ FAST = [
 
 def fast_config(*extra: str) -> Config:
     """The demo recipe under FAST, then `extra` overrides."""
-    from pipeline.recipes import load_config
+    from pipeline.commands.recipes import load_config
 
     return load_config("demo", overrides=[*FAST, *extra])
 

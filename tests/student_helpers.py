@@ -13,10 +13,10 @@ def train_and_dump(job: dict[str, Any]) -> dict[str, Any]:
 
     Writes `job["out"]/rank{R}.pt` holding {"params", "buffers", "steps", "metrics"}: the parameters and
     buffers of this rank's model after training and the number of `optimizer.step()` calls it made.
-    The model and optimizer are caught by wrapping `wrap_ddp` / `make_optimizer` in `pipeline.student`.
+    The model and optimizer are caught by wrapping `wrap_ddp` / `make_optimizer` in `pipeline.train.student`.
     """
-    import pipeline.student as student
-    from pipeline.ddp import dist_info
+    import pipeline.train.student as student
+    from pipeline.train.ddp import dist_info
 
     caught: dict[str, Any] = {"steps": 0}
     orig_wrap, orig_opt = student.wrap_ddp, student.make_optimizer

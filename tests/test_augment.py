@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.augment import (
+from pipeline.augment.views import (
     ViewConfig,
     ViewParams,
     draw_view,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.commands.cli import main
 
 FIELDS = {"what", "unit", "baseline", "optimized", "ratio", "peak_memory_bytes", "setup_s", "ratio_per_unit", "note"}
 

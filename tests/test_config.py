@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from pipeline.cli import main
+from pipeline.commands.cli import main
+from pipeline.commands.recipes import load_config
 from pipeline.config import ConfigError
-from pipeline.recipes import load_config
-from pipeline.runner import compute_hashes
+from pipeline.run.runner import compute_hashes
 
 
 def test_recipe_and_overrides_are_typed():
@@ -117,7 +117,7 @@ def test_normalization_is_per_data_set_and_hashed_from_the_teacher_on():
 
 
 def test_every_recipe_loads_and_official_ones_name_their_differences(capsys):
-    from pipeline.recipes import RECIPES, recipe_differences
+    from pipeline.commands.recipes import RECIPES, recipe_differences
 
     for name in RECIPES:
         cfg = load_config(name)

@@ -1,7 +1,7 @@
 """The one crop sampler draws exactly what the three samplers it replaced drew.
 
-The `_old_*` functions are frozen copies of the code before the merge (pipeline/augment.py,
-pipeline/synthesis.py, pipeline/data/loaders.py); they live only here. For every consumer the box
+The `_old_*` functions are frozen copies of the code before the merge (pipeline/augment/views.py,
+pipeline/methods/synthesis/, pipeline/data/loaders.py); they live only here. For every consumer the box
 and the generator state after the call (the next draw) must match, over many seeds and sizes,
 including sizes and scales that exhaust the ten tries and reach the fallback.
 """
@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import augment, synthesis
-from pipeline.augment import ViewConfig, draw_view
-from pipeline.crops import RandomDraws, TorchDraws, random_resized_crop
+from pipeline.augment import views as augment
+from pipeline.augment.crops import RandomDraws, TorchDraws, random_resized_crop
+from pipeline.augment.views import ViewConfig, draw_view
+from pipeline.core.seeding import generator
 from pipeline.data.images import train_crop_window
-from pipeline.seeding import generator
+from pipeline.methods.synthesis import augment as synthesis
 
-# ----------------------------------------------------------------------------- frozen: pipeline/augment.py
+# ----------------------------------------------------------------------------- frozen: pipeline/augment/views.py
 
 _OLD_CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
@@ -112,7 +113,7 @@ def _old_draw_view(run_seed: int, epoch: int, image_id: int, num_images: int, cf
     return (box, flip, partner, partner_box, partner_flip, _old_f32(lam), cut)
 
 
-# ----------------------------------------------------------------------------- frozen: pipeline/synthesis.py
+# ----------------------------------------------------------------------------- frozen: pipeline/methods/synthesis/
 
 
 def _old_syn_uniform(gen: torch.Generator, lo: float, hi: float) -> float:

@@ -10,7 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pipeline.ddp import all_reduce_sum, barrier, device_for_rank, dist_info, init_from_env, is_rank0, launch_local
+from pipeline.train.ddp import (
+    all_reduce_sum,
+    barrier,
+    device_for_rank,
+    dist_info,
+    init_from_env,
+    is_rank0,
+    launch_local,
+)
 
 STEPS = 4
 
@@ -90,7 +98,7 @@ def test_helpers_are_no_ops_without_a_process_group(monkeypatch):
 
 
 def test_local_executor_launches_ddp_jobs_without_ray():
-    from pipeline.executors import LocalExecutor
+    from pipeline.run.executors import LocalExecutor
 
     assert LocalExecutor().launch_ddp(reduce_job, "x", 1) == {"rank": 0, "world": 1, "sum": 1.0, "arg": "x"}
     out = LocalExecutor().launch_ddp(reduce_job, "y", 2)  # two spawned gloo ranks

@@ -22,7 +22,7 @@ from PIL import Image
 
 from pipeline.config import ConfigError
 from pipeline.data.images import decode_rgb, to_rgb
-from pipeline.stages.ingest import encode_checked, list_folder
+from pipeline.run.stages.ingest import encode_checked, list_folder
 
 H, W = 6, 5
 

@@ -51,7 +51,7 @@ def _pod_templates(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def test_cli_runs_as_module() -> None:
-    assert 'if __name__ == "__main__":' in (REPO / "pipeline" / "cli.py").read_text()
+    assert 'if __name__ == "__main__":' in (REPO / "pipeline" / "commands" / "cli.py").read_text()
 
 
 def test_runtime_env_yaml() -> None:

@@ -1,4 +1,4 @@
-"""Differentiable Siamese Augmentation (pipeline.dsa): Siamese draws, each operation's range, gradients."""
+"""Differentiable Siamese Augmentation (pipeline.augment.dsa): Siamese draws, each operation's range, gradients."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.dsa import (
+from pipeline.augment.dsa import (
     DIGITS_STRATEGY,
     GROUPS,
     STRATEGY,

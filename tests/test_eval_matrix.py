@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from manifests.store import ManifestStore
-from pipeline.holdout import holdout_count, holdout_rows
-from pipeline.runner import run_pipeline
+from pipeline.data.holdout import holdout_count, holdout_rows
+from pipeline.run.runner import run_pipeline
 from tests.helpers import FAST, clone_run, fast_config, sigkill_when
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def test_config_refuses_bad_matrix_values():
         with pytest.raises(ConfigError, match="eval"):
             fast_config(*bad)
     cfg = fast_config(*MATRIX)
-    from pipeline.stages.common import matrix
+    from pipeline.run.stages.common import matrix
 
     cells = matrix(cfg)
     assert len(cells) == 8 and cells[0].key == "kd-convnet-s0" and cells[-1].key == "hard-lenet-s1"
@@ -55,11 +55,11 @@ def test_config_refuses_bad_matrix_values():
 # ------------------------------------------------------------------------------------ holdout in the stages
 
 def test_holdout_images_never_reach_a_distilled_set_or_the_full_real_students(teacher_run, tmp_path):
-    from pipeline.baselines import load_train_images
     from pipeline.data.synthetic import load_images
-    from pipeline.runner import open_context
-    from pipeline.stages.common import recover_index_paths
-    from pipeline.stages.train import holdout_spec
+    from pipeline.run.runner import open_context
+    from pipeline.run.stages.common import recover_index_paths
+    from pipeline.run.stages.train import holdout_spec
+    from pipeline.train.full_real import load_train_images
 
     run_dir = clone_run(teacher_run, tmp_path / "run")
     cfg = fast_config("recover.method=random-real", "recover.ipc=10", "recover.ipc_per_unit=10",
@@ -150,7 +150,7 @@ def test_a_tiny_matrix_completes_and_survives_a_killed_driver(teacher_run, tmp_p
 # ---------------------------------------------------------------------------------------------------- cost
 
 def test_cost_sums_per_stage_and_keeps_the_baselines_apart(monkeypatch):
-    from pipeline.cost import run_cost, stage_cost, unit_usage
+    from pipeline.run.cost import run_cost, stage_cost, unit_usage
 
     usage = unit_usage(2.0, {"peak_memory_bytes": 123})
     assert usage == {"wall_s": 2.0, "device": "cpu", "device_s": 2.0, "peak_memory_bytes": 123}  # the unit's own peak

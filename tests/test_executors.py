@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
+from pipeline.commands.recipes import load_config
 from pipeline.config import Config, ConfigError
-from pipeline.executors import LocalExecutor
-from pipeline.recipes import load_config
-from pipeline.runner import run_pipeline
-from pipeline.stages import StageGraph
-from pipeline.stages.base import Outcome, RunContext, Stage, Unit, UnitResult
-from pipeline.stages.common import launch
+from pipeline.run.base import Outcome, RunContext, Stage, Unit, UnitResult
+from pipeline.run.executors import LocalExecutor
+from pipeline.run.graph import StageGraph
+from pipeline.run.runner import run_pipeline
+from pipeline.run.stages.common import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,7 @@ class EchoJob:
 
 
 def echo_job(spec: EchoJob) -> dict[str, Any]:
-    from pipeline.ddp import dist_info
+    from pipeline.train.ddp import dist_info
 
     rank, world, _ = dist_info()
     return {"value": spec.value, "rank": rank, "world": world}
@@ -142,7 +142,7 @@ def test_a_driver_side_stage_launches_its_job_through_the_callers_executor(tmp_p
     assert executor.jobs == [(EchoJob(7), 1)]
     metrics = ctx.store.load("job", "job").metrics
     assert {k: metrics[k] for k in ("value", "rank", "world")} == {"value": 7, "rank": 0, "world": 1}
-    # every record carries the unit's cost (pipeline.cost)
+    # every record carries the unit's cost (pipeline.run.cost)
     assert metrics["device"] == "cpu" and metrics["wall_s"] >= 0 and metrics["peak_memory_bytes"] > 0
     # outside the runner (no executor in the context) a job runs on the local launcher
     assert launch(_ctx(tmp_path), echo_job, EchoJob(3), 1) == {"value": 3, "rank": 0, "world": 1}
@@ -193,7 +193,7 @@ def stuck_job(spec: StuckJob) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
-    from pipeline.ddp import dist_info
+    from pipeline.train.ddp import dist_info
 
     rank = dist_info()[0]
     Path(spec.folder, f"rank{rank}.pid").write_text(str(os.getpid()))
@@ -219,7 +219,7 @@ def test_local_ddp_ranks_listen_on_loopback_and_die_with_a_sigkilled_driver(tmp_
     import sys
     import time
 
-    code = ("from pipeline.executors import LocalExecutor\n"
+    code = ("from pipeline.run.executors import LocalExecutor\n"
             "from tests.test_executors import StuckJob, stuck_job\n"
             f"LocalExecutor().launch_ddp(stuck_job, StuckJob({str(tmp_path)!r}), 2)\n")
     driver = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL,

@@ -1,6 +1,6 @@
 """The data folder is fingerprinted at ingest: a rerun on a changed folder is refused naming the change unless
 --fresh, which redoes ingest and everything after it; `data.dataset` is named after a folder run under the demo
-recipe. Runs go through the `distill` command in this process (`pipeline.cli.main`) on small generated folders."""
+recipe. Runs go through the `distill` command in this process (`pipeline.commands.cli.main`) on small generated folders."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 from manifests.store import ManifestStore
-from pipeline.cli import main
-from pipeline.recipes import load_config
+from pipeline.commands.cli import main
+from pipeline.commands.recipes import load_config
 from tests.helpers import FAST, make_image_folder
 
 

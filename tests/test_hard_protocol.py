@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from manifests.store import ManifestStore
-from pipeline.hardlabel import epoch_order, lr_factor
-from pipeline.runner import compute_hashes, open_context, run_pipeline
+from pipeline.run.runner import compute_hashes, open_context, run_pipeline
+from pipeline.train.hardlabel import epoch_order, lr_factor
 from tests.helpers import clone_run, fast_config
 from tests.test_student_stages import ROOT, _cli, _kill_at_epoch
 
@@ -39,8 +39,8 @@ FULL = "color_crop_cutout_flip_scale_rotate"
     ("dsa", "none", "recipe", "", 300),
 ])
 def test_hard_settings_follow_the_methods_papers(teacher_run, method, augment, hard_strategy, strategy, epochs):
-    from pipeline.stages.common import matrix
-    from pipeline.stages.train import hard_spec
+    from pipeline.run.stages.common import matrix
+    from pipeline.run.stages.train import hard_spec
 
     own = [] if hard_strategy == "recipe" else [f"train.hard_dsa_strategy={hard_strategy}"]
     cfg = fast_config(f"recover.method={method}", "train.protocol=hard", f"train.hard_augment={augment}",

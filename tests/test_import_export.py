@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.commands.export import export_run
 from pipeline.config import ConfigError
-from pipeline.export import export_run
 from pipeline.methods.import_set import check_folder
-from pipeline.runner import run_pipeline
+from pipeline.run.runner import run_pipeline
 from tests.helpers import clone_run, fast_config
 
 CLASSES = [str(d) for d in range(10)]  # the demo digits' class names

@@ -8,10 +8,10 @@ import tarfile
 import pytest
 
 from manifests.store import ManifestStore
+from pipeline.commands.recipes import load_config
 from pipeline.config import ConfigError
 from pipeline.data.shards import read_index, read_member
-from pipeline.recipes import load_config
-from pipeline.runner import StageFailed, run_pipeline
+from pipeline.run.runner import StageFailed, run_pipeline
 from tests.helpers import make_image_folder
 
 
@@ -135,7 +135,7 @@ def test_demo_ingest_is_deterministic(tmp_path):
 
 def test_failed_unit_is_reported(tmp_path, monkeypatch):
     data = make_image_folder(tmp_path / "d")
-    import pipeline.stages.ingest as ing
+    import pipeline.run.stages.ingest as ing
 
     real = ing.write_shard
 
@@ -155,7 +155,7 @@ def test_failed_unit_is_reported(tmp_path, monkeypatch):
 
 
 def test_worker_that_cannot_start_fails_the_stage_cleanly(tmp_path, monkeypatch):
-    import pipeline.stages.ingest as ing
+    import pipeline.run.stages.ingest as ing
 
     def broken(self, ctx):
         raise RuntimeError("cannot open the worker")

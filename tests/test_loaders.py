@@ -22,8 +22,8 @@ BATCH = 64
 @pytest.fixture(scope="module")
 def real_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo digits ingested into shards (val: 256 + 103 samples, 32 px PNG)."""
-    from pipeline.recipes import load_config
-    from pipeline.runner import run_pipeline
+    from pipeline.commands.recipes import load_config
+    from pipeline.run.runner import run_pipeline
 
     run = tmp_path_factory.mktemp("loaders") / "run"
     run_pipeline(load_config("demo"), run, stages=["ingest"], progress=False)

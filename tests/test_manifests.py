@@ -6,9 +6,9 @@ import pytest
 
 from manifests.schema import FileRef, Record
 from manifests.store import ManifestStore, atomic_path, atomic_write_bytes
+from pipeline.commands.recipes import load_config
 from pipeline.config import ConfigError
-from pipeline.recipes import load_config
-from pipeline.runner import open_context, prepare
+from pipeline.run.runner import open_context, prepare
 
 
 def _rec(unit: str, h: str = "abc") -> Record:

@@ -15,7 +15,14 @@ import torch.nn.functional as F
 import pipeline.methods.datadam  # noqa: F401 - registers datadam
 import pipeline.methods.dc  # noqa: F401 - registers dc, dsa
 import pipeline.methods.dm  # noqa: F401 - registers dm
-from pipeline.matching import (
+from pipeline.core.imageops import normalize
+from pipeline.core.seeding import generator
+from pipeline.methods.base import get_method
+from pipeline.methods.datadam import DataDamConfig
+from pipeline.methods.dc import DcConfig, DsaConfig
+from pipeline.methods.dm import DmConfig
+from pipeline.methods.env import RecoverEnv
+from pipeline.methods.matching import (
     DC_LOOPS,
     AttentionSpec,
     DistributionMatching,
@@ -31,14 +38,7 @@ from pipeline.matching import (
     matching_loss,
     siamese_views,
 )
-from pipeline.methods.base import get_method
-from pipeline.methods.datadam import DataDamConfig
-from pipeline.methods.dc import DcConfig, DsaConfig
-from pipeline.methods.dm import DmConfig
-from pipeline.methods.env import RecoverEnv
-from pipeline.seeding import generator
-from pipeline.synthesis import normalize
-from pipeline.unit_state import UnitCheckpoint
+from pipeline.run.unit_state import UnitCheckpoint
 
 RES, CLASSES, PER_CLASS = 16, 3, 40
 MEAN, STD = (0.1, 0.1, 0.1), (0.25, 0.25, 0.25)

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from manifests.store import ManifestStore
-from pipeline.cli import main
+from pipeline.commands.cli import main
 from pipeline.methods import base, get_method, registry
 from pipeline.methods.base import MethodOutput, Needs, doc_field
-from pipeline.runner import run_pipeline
+from pipeline.run.runner import run_pipeline
 from tests.helpers import clone_run, fast_config, sigkill_when
 
 
@@ -93,7 +93,7 @@ def test_synthesis_can_start_from_selected_real_images(teacher_run, tmp_path, me
              else ["recover.dm.iterations=1", "recover.dm.width=16", "recover.dm.batch_real=8"])
     cfg = fast_config(f"recover.method={method}", f"recover.init={init}", *short)
     ctx = run_pipeline(cfg, run_dir, stages=["recover"], progress=False)
-    from pipeline.stages.recover import open_env
+    from pipeline.run.stages.recover import open_env
 
     env = open_env(ctx, torch.device("cpu"))
     records = {r.unit: r for r in ManifestStore(run_dir).records("recover")}
@@ -106,8 +106,8 @@ def test_synthesis_can_start_from_selected_real_images(teacher_run, tmp_path, me
 
 
 def test_unknown_init_is_refused_with_the_choices():
+    from pipeline.commands.recipes import load_config
     from pipeline.config import ConfigError
-    from pipeline.recipes import load_config
 
     with pytest.raises(ConfigError, match="real-correct"):
         load_config("demo", overrides=["recover.init=real-best"])
@@ -164,7 +164,7 @@ def test_a_matching_unit_killed_mid_stage_resumes_from_its_checkpoint_to_the_sam
     import sys
     from pathlib import Path
 
-    from pipeline.stages.recover import UNIT_STATE_DIR
+    from pipeline.run.stages.recover import UNIT_STATE_DIR
     from tests.helpers import FAST
 
     sets = ["recover.method=dm", "recover.dm.iterations=40", "recover.dm.width=16", "recover.dm.batch_real=8"]

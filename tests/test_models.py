@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torchvision import models as tv_models
 
-import pipeline.models as models_mod
+import pipeline.models.factory as models_mod
 from pipeline.models import (
     OWN_ARCHS,
     ConvNet,

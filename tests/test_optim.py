@@ -1,4 +1,4 @@
-"""Optimizers and the per-epoch schedule of the teacher and student jobs (pipeline.optim)."""
+"""Optimizers and the per-epoch schedule of the teacher and student jobs (pipeline.train.optim)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.optim import cosine_schedule, make_optimizer
+from pipeline.train.optim import cosine_schedule, make_optimizer
 
 
 def test_cosine_schedule_with_linear_warmup_as_the_official_tiny_recipes() -> None:

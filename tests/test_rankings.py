@@ -1,5 +1,5 @@
 """Selections by a per-sample score: forgetting and loss-score, and the per-sample statistics of the teacher's
-training they rank by (`pipeline.sample_stats`).
+training they rank by (`pipeline.train.sample_stats`).
 
 The rules are checked on hand-made statistics with known answers; the statistics on a hand-made sequence of
 epochs and on a real (tiny) squeeze run; both methods end to end through the recover stage on the demo.
@@ -18,9 +18,9 @@ from manifests.store import ManifestStore
 from pipeline.config import ConfigError
 from pipeline.methods.env import RecoverEnv
 from pipeline.methods.loss_score import LossScoreConfig
-from pipeline.runner import run_pipeline
-from pipeline.sample_stats import SampleStats, losses
-from pipeline.selection import loss_scores, rank
+from pipeline.methods.selection import loss_scores, rank
+from pipeline.run.runner import run_pipeline
+from pipeline.train.sample_stats import SampleStats, losses
 from tests.helpers import clone_run, fast_config
 from tests.test_selection import MEAN, STD, StubPool, StubTeacher, row_images
 

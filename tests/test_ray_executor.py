@@ -11,10 +11,10 @@ import pytest
 import ray
 
 from manifests.store import ManifestStore
-from pipeline.executors import LocalExecutor
-from pipeline.recipes import load_config
-from pipeline.runner import _record, run_pipeline
-from pipeline.stages.base import Outcome, RunContext, Stage, Unit, UnitResult
+from pipeline.commands.recipes import load_config
+from pipeline.run.base import Outcome, RunContext, Stage, Unit, UnitResult
+from pipeline.run.executors import LocalExecutor
+from pipeline.run.runner import _record, run_pipeline
 from workers.ray_executor import RayExecutor, _lost_outcome, plan_actors, resolve_stage, stage_ref
 
 # ------------------------------------------------------------------------------------- a toy test stage
@@ -100,7 +100,7 @@ def test_plan_actors_decides_before_creating():
     wide = load_config("demo", overrides=["executor.cpus_per_worker=2", "executor.num_workers=5"])
     assert plan_actors(TOY, wide, 10, {"CPU": 4.0}).count == 2  # capped to what fits
     # the train stage's students share GPUs: eval.gpus_per_student=0.25 puts four on each of 2 GPUs
-    from pipeline.stages import get_stage
+    from pipeline.run.graph import get_stage
 
     shared = load_config("demo", overrides=["eval.gpus_per_student=0.25", "executor.cpus_per_worker=1"])
     plan = plan_actors(get_stage("train"), shared, 12, {"CPU": 16.0, "GPU": 2.0})
@@ -109,7 +109,7 @@ def test_plan_actors_decides_before_creating():
 
 
 def test_stage_ref_round_trip():
-    from pipeline.stages import get_stage
+    from pipeline.run.graph import get_stage
 
     assert stage_ref(get_stage("ingest")) == "ingest"
     assert stage_ref(TOY) == f"{__name__}:TOY"
@@ -219,7 +219,7 @@ def test_recover_bytes_do_not_depend_on_thread_count_or_executor(ray_cluster, te
         torch.set_num_threads(before)
     # 2. local, in a fresh process with OMP_NUM_THREADS=1
     single = clone_run(teacher_run, tmp_path / "omp1")
-    code = ("import sys; from pipeline.runner import run_pipeline; from tests.helpers import fast_config; "
+    code = ("import sys; from pipeline.run.runner import run_pipeline; from tests.helpers import fast_config; "
             "run_pipeline(fast_config(*sys.argv[2:]), sys.argv[1], stages=['recover'], progress=False)")
     proc = subprocess.run([sys.executable, "-c", code, str(single), *THREADS_RECOVER], cwd=root, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)},

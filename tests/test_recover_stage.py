@@ -25,9 +25,9 @@ from manifests.store import STAGE_RECORD, ManifestStore
 from pipeline.config import ConfigError
 from pipeline.data.shards import IndexedImages, read_index
 from pipeline.data.synthetic import decode_rgb, synthetic_index
-from pipeline.runner import open_context, run_pipeline
-from pipeline.stages.base import RunContext
-from pipeline.stages.recover import STAGE, RecoverWorker, class_shards, unit_key
+from pipeline.run.base import RunContext
+from pipeline.run.runner import open_context, run_pipeline
+from pipeline.run.stages.recover import STAGE, RecoverWorker, class_shards, unit_key
 from tests.helpers import FAST, clone_run, fast_config, sigkill_when
 
 REPO = Path(__file__).resolve().parents[1]
@@ -289,8 +289,8 @@ BAD_INPUTS = {
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_refused_before_any_work(teacher_run, tmp_path, monkeypatch, capsys, case):
-    from pipeline import cli
-    from pipeline.stages import recover
+    from pipeline.commands import cli
+    from pipeline.run.stages import recover
 
     overrides, pattern = BAD_INPUTS[case]
     run_dir = clone_run(teacher_run, tmp_path / "bad")
@@ -313,7 +313,7 @@ def test_bad_input_is_refused_before_any_work(teacher_run, tmp_path, monkeypatch
 
 
 def test_synthesize_batch_rejects_a_bn_less_module():
-    from pipeline.synthesis import RecoverParams, synthesize_batch
+    from pipeline.methods.synthesis import RecoverParams, synthesize_batch
 
     teacher = _bn_less_teacher(None, None)
     before = [p.clone() for p in teacher.parameters()]
@@ -518,7 +518,7 @@ def test_sre2l_batches_sharing_a_forward_match_one_batch_per_forward_and_halve_w
         assert x.keys() == y.keys() and {"loss_ce", "loss_ce_first", "loss_bn"} <= x.keys(), x.keys()
         assert all(y[k] == pytest.approx(x[k], rel=1e-3, abs=1e-5) for k in x), (x, y)
 
-    import pipeline.synthesis as synthesis
+    import pipeline.methods.synthesis as synthesis
 
     real = synthesis.synthesize_batch
 

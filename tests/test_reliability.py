@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from manifests.store import ManifestStore
-from pipeline.cli import main
+from pipeline.commands.cli import main
 from pipeline.config import Config
-from pipeline.runner import StageFailed, run_pipeline
-from pipeline.stages import StageGraph
-from pipeline.stages.base import RunContext, Stage, Unit, UnitResult
+from pipeline.run.base import RunContext, Stage, Unit, UnitResult
+from pipeline.run.graph import StageGraph
+from pipeline.run.runner import StageFailed, run_pipeline
 from tests.helpers import FAST, clone_run, fast_config, make_image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,9 +200,9 @@ HOLDER = """
 import sys, time
 from pathlib import Path
 from pipeline.config import Config
-from pipeline.runner import run_pipeline
-from pipeline.stages import StageGraph
-from pipeline.stages.base import Stage, Unit, UnitResult
+from pipeline.run.runner import run_pipeline
+from pipeline.run.graph import StageGraph
+from pipeline.run.base import Stage, Unit, UnitResult
 
 class Wait:
     def run(self, unit):

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from pipeline.config import Config, ConfigError
-from pipeline.runner import compute_hashes, run_pipeline
-from pipeline.stages import StageGraph, stage_order, topological_order
-from pipeline.stages.base import RunContext, Stage, Unit, UnitResult
+from pipeline.run.base import RunContext, Stage, Unit, UnitResult
+from pipeline.run.graph import StageGraph, stage_order, topological_order
+from pipeline.run.runner import compute_hashes, run_pipeline
 
 RAN: list[str] = []  # "stage/unit" of every unit run, in order (the toy workers run in this process)
 
@@ -154,7 +154,7 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
 
 
 def _setup(seed: int) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
-    from pipeline.optim import cosine_schedule
+    from pipeline.train.optim import cosine_schedule
 
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
@@ -174,7 +174,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def test_checkpoint_resumes_model_optimizer_scheduler_epoch_and_rng(tmp_path: Path) -> None:
-    from pipeline.trainloop import resume, save_checkpoint
+    from pipeline.train.trainloop import resume, save_checkpoint
 
     path = tmp_path / "last.pt"
     model, opt, sched = _setup(0)

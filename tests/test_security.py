@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.stages.base import RunContext, Stage, Unit, UnitResult
+from pipeline.run.base import RunContext, Stage, Unit, UnitResult
 
 ROOT = Path(__file__).resolve().parents[1]
 MARK = "DISTILL_TEST_SECURITY"
@@ -59,7 +59,7 @@ def run_driver(folder: str) -> None:
     """The driver process: a Ray executor with its own cluster runs two blocking units."""
     import ray
 
-    from pipeline.recipes import load_config
+    from pipeline.commands.recipes import load_config
     from workers.ray_executor import RayExecutor
 
     before = {k: os.environ.get(k) for k in AUTH_VARS}

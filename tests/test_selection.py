@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.core.imageops import normalize
+from pipeline.core.seeding import generator
 from pipeline.methods import herding as herding_method  # noqa: F401 - registers "herding"
 from pipeline.methods import kcenter as kcenter_method  # noqa: F401 - registers "k-center"
 from pipeline.methods.base import get_method
 from pipeline.methods.env import RecoverEnv, last_linear
-from pipeline.seeding import generator
-from pipeline.selection import herding, k_center
-from pipeline.synthesis import normalize
+from pipeline.methods.selection import herding, k_center
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -288,8 +288,8 @@ def test_recover_stage_selects_real_images_of_the_class_deterministically(kind, 
     from manifests.store import ManifestStore
     from pipeline.data.shards import IndexedImages, read_index
     from pipeline.data.synthetic import decode_rgb, synthetic_index
-    from pipeline.runner import run_pipeline
-    from pipeline.stages.recover import open_env
+    from pipeline.run.runner import run_pipeline
+    from pipeline.run.stages.recover import open_env
     from tests.helpers import clone_run, fast_config
 
     cfg = fast_config(f"recover.method={kind}")  # ipc 2, 2 shards of 5 classes: 2 whole-class units

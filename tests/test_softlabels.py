@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.augment import ViewConfig, draw_views
-from pipeline.optim import cosine_schedule, make_optimizer, param_groups
+from pipeline.augment.views import ViewConfig, draw_views
 from pipeline.softlabels import (
     SoftLabels,
     ViewSource,
@@ -29,6 +28,7 @@ from pipeline.softlabels import (
     topk_fp16,
     write_soft_labels,
 )
+from pipeline.train.optim import cosine_schedule, make_optimizer, param_groups
 
 
 def _logits(b: int, c: int, seed: int = 0) -> torch.Tensor:
@@ -256,7 +256,7 @@ def test_stored_format_is_smaller_than_full_logits(tmp_path: Path) -> None:
     assert full_logit_bytes(10_000, 300, 1000) / 2**30 == pytest.approx(5.67, abs=0.01)
 
 
-# ------------------------------------------------------------------------------------- pipeline.optim
+# ------------------------------------------------------------------------------------- pipeline.train.optim
 
 
 def test_param_groups_exclude_1d_from_decay() -> None:

@@ -16,17 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.augment import ViewConfig
+from pipeline.augment.views import ViewConfig
+from pipeline.commands.recipes import load_config
 from pipeline.config import ConfigError
-from pipeline.ddp import launch_local
 from pipeline.models import build_model
-from pipeline.recipes import load_config
-from pipeline.runner import compute_hashes, open_context, run_pipeline
+from pipeline.run.runner import compute_hashes, open_context, run_pipeline
+from pipeline.run.stages.train import student_job
 from pipeline.softlabels import ViewSource, full_target, read_soft_labels, teacher_probs
-from pipeline.stages.train import student_job
-from pipeline.student import (
+from pipeline.train.ddp import launch_local
+from pipeline.train.jobs import synthetic_index
+from pipeline.train.student import (
     ViewBatches,
-    _index,
     epoch_batches,
     load_teacher,
     render_views,
@@ -114,7 +114,7 @@ def test_stored_and_online_relabel_give_the_same_targets(relabeled_run: Path) ->
     job = student_job(ctx)
     from pipeline.data.synthetic import load_images
 
-    images, _ = load_images(Path(job.synthetic_dir), _index(job), None)
+    images, _ = load_images(Path(job.synthetic_dir), synthetic_index(job), None)
     n, c, k, temp, seed = len(images), job.data.num_classes, job.top_k, job.temperature, job.data.seed
     assert k == c == 10 and n == 20
     cfg = job.views
@@ -153,7 +153,7 @@ def test_views_rendered_on_the_device_match_the_stored_labels_and_train_a_studen
     off_job = student_job(open_context(fast_config(TOPK), relabeled_run))
     from pipeline.data.synthetic import load_images
 
-    images, _ = load_images(Path(job.synthetic_dir), _index(job), None)
+    images, _ = load_images(Path(job.synthetic_dir), synthetic_index(job), None)
     n, c, temp, seed = len(images), job.data.num_classes, job.temperature, job.data.seed
     on = read_soft_labels(list(job.soft_labels), num_classes=c, temperature=temp, views=ViewSource(seed, n, job.views))
     off = read_soft_labels(list(off_job.soft_labels), num_classes=c, temperature=temp,
@@ -424,7 +424,7 @@ def test_saved_weights_are_byte_identical_across_runs(tmp_path: Path) -> None:
     """torch.save through a temp name must not leak the (pid-dependent) temp name into the archive."""
     import torch
 
-    from pipeline.trainloop import save_atomic
+    from pipeline.train.trainloop import save_atomic
 
     state = {"w": torch.arange(6.0).reshape(2, 3)}
     save_atomic(state, tmp_path / "a.pt")

@@ -1,4 +1,4 @@
-"""Tests for pipeline.synthesis (CPU, tiny)."""
+"""Tests for pipeline.methods.synthesis (CPU, tiny)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models import build_model
-from pipeline.synthesis import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
+from pipeline.core.imageops import IMAGENET_MEAN, IMAGENET_STD, denormalize, normalize
+from pipeline.methods.synthesis import (
     BNStatsHook,
     DWAParams,
     RecoverParams,
@@ -21,15 +19,14 @@ from pipeline.synthesis import (
     augment_batch,
     clamp_to_image_,
     cosine_lr,
-    denormalize,
     draw_augment,
     dwa_perturb,
     init_images,
-    normalize,
     perturbation_norm,
     restore_parameters,
     synthesize_batch,
 )
+from pipeline.models import build_model
 
 RES = 16
 NUM_CLASSES = 4

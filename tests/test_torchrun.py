@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pipeline.runner import run_pipeline
+from pipeline.run.runner import run_pipeline
 from tests.helpers import fast_config
 
 

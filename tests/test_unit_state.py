@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from pipeline.unit_state import UnitCheckpoint
+from pipeline.run.unit_state import UnitCheckpoint
 
 
 class Clock:

@@ -1,32 +1,17 @@
 """Ray-specific execution: the Ray executor (actors, work queue), Ray Train, cluster start / join.
 
-Only this package imports `ray`; `pipeline` never imports it (nor this package). The executor protocol
-and the in-process executor are `pipeline.executors`; `make_executor` is the factory a caller (the CLI)
-uses to pick one from the config.
+Only this package imports `ray`; `pipeline` never imports it (nor this package). The executor protocol is
+`pipeline.run.base.Executor`, the in-process executor `pipeline.run.executors`; `make_executor` is the factory a
+caller (the CLI) uses to pick one from the config.
 """
 
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING
-
 from pipeline.config import Config
+from pipeline.run.base import Executor
+from workers.placement import in_ray_job, use_ray
 
-if TYPE_CHECKING:
-    from pipeline.executors import Executor
-
-
-def in_ray_job() -> bool:
-    """True inside a `ray job submit` entrypoint (the job's driver has RAY_JOB_ID or RAY_ADDRESS)."""
-    return bool(os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS"))
-
-
-def use_ray(cfg: Config) -> bool:
-    """`executor.kind` resolved: ray, or auto inside a Ray job or with `executor.address` set."""
-    mode = cfg.executor.kind
-    if mode == "auto":
-        return in_ray_job() or bool(cfg.executor.address)
-    return mode == "ray"
+__all__ = ["in_ray_job", "make_executor", "use_ray"]
 
 
 def make_executor(cfg: Config) -> Executor:
@@ -38,6 +23,6 @@ def make_executor(cfg: Config) -> Executor:
         from workers.ray_executor import RayExecutor
 
         return RayExecutor(cfg)
-    from pipeline.executors import LocalExecutor
+    from pipeline.run.executors import LocalExecutor
 
     return LocalExecutor(max_attempts=cfg.executor.max_attempts)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.cli import main as _main
+from pipeline.commands.cli import main as _main
 from workers import make_executor
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import ray
 
 from pipeline.config import ExecutorConfig
-from workers import in_ray_job
+from workers.placement import in_ray_job
 
 log = logging.getLogger(__name__)
 

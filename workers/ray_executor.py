@@ -36,10 +36,11 @@ from typing import Any, TypeVar
 import ray
 from ray import exceptions as rex
 
+import pipeline.run.stages  # noqa: F401 - registers the built-in stages (in every actor too)
 from pipeline.config import Config
-from pipeline.executors import execute
-from pipeline.stages import get_stage
-from pipeline.stages.base import Outcome, RunContext, Stage, Unit
+from pipeline.run.base import Outcome, RunContext, Stage, Unit
+from pipeline.run.executors import execute
+from pipeline.run.graph import get_stage
 from workers.cluster import connect_ray, describe_cluster, disconnect_ray
 
 JobSpec = TypeVar("JobSpec")
@@ -118,11 +119,11 @@ class UnitActor:
         self._ctx = ctx
         self._worker: Any = None
         self._threads = max(1, int(threads))
-        if 0 < gpu_share < 1:  # a student sharing a GPU is charged its share of it (pipeline.cost)
-            from pipeline.cost import GPU_SHARE_ENV
+        if 0 < gpu_share < 1:  # a student sharing a GPU is charged its share of it (pipeline.run.cost)
+            from pipeline.run.cost import GPU_SHARE_ENV
 
             os.environ[GPU_SHARE_ENV] = str(gpu_share)
-        progress = logging.getLogger("pipeline.unit_state")  # a long unit's saves and resumes: its progress,
+        progress = logging.getLogger("pipeline.run.unit_state")  # a long unit's saves and resumes: its progress,
         if not progress.handlers:  # on the actor's stderr, which Ray forwards to the driver's console
             handler = logging.StreamHandler()
             handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -218,7 +219,7 @@ def plan_actors(stage: Stage, cfg: Config, num_units: int, cluster: dict[str, fl
 
 class RayExecutor:
     """Runs a distributed stage's units on Ray actors, retrying failed units and replacing dead actors, and
-    DDP jobs on Ray Train; implements `pipeline.executors.Executor`."""
+    DDP jobs on Ray Train; implements `pipeline.run.executors.Executor`."""
 
     #: seconds between "still waiting" log lines while actors wait to be scheduled
     wait_log_s: float = 60.0

@@ -1,7 +1,7 @@
 """DDP jobs on Ray Train (TorchTrainer): the Ray executor's `launch_ddp`.
 
-The job function is the same everywhere: `fn(spec)` written with `pipeline.ddp` helpers runs unchanged
-under torchrun, under the local executor (`pipeline.ddp.launch_local`) and under Ray Train (which
+The job function is the same everywhere: `fn(spec)` written with `pipeline.train.ddp` helpers runs unchanged
+under torchrun, under the local executor (`pipeline.train.ddp.launch_local`) and under Ray Train (which
 initialises the process group itself, so `init_from_env()` is a no-op there). Which launcher runs a job
 is the executor's choice (`workers.make_executor`), not this module's.
 
@@ -44,7 +44,7 @@ class _Mailbox:
 
 def _train_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: call the job function, hand rank 0's value to the mailbox."""
-    from pipeline.ddp import dist_info, init_from_env
+    from pipeline.train.ddp import dist_info, init_from_env
 
     init_from_env()  # no-op: Ray Train has set up the process group
     value = config["fn"](config["arg"])

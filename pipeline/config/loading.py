@@ -30,9 +30,6 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.loader": ("auto", "pil", "dali"),
     "squeeze.optimizer": ("sgd", "sgd-nesterov", "adamw"),
     "train.optimizer": ("adamw", "sgd", "sgd-nesterov"),
-    # kept in step with pipeline.methods.env.INIT_KINDS (that module imports torch; this one must not)
-    "recover.init": ("auto", "real", "noise", "real-correct", "real-herding", "real-k-center", "real-forgetting",
-                     "real-loss-score"),
     "recover.amp": ("bf16", "none"),
     "recover.compile": ("auto", "on", "off"),
     "relabel.mode": ("stored", "online"),
@@ -240,9 +237,16 @@ def _validate_method(cfg: Config) -> None:
                               "squeeze.sample_stats=true")
 
 
+def _choices() -> dict[str, tuple[str, ...]]:
+    """`_CHOICES`, with those the registries decide: `recover.init` (auto, noise and `init_kinds()`)."""
+    from pipeline.methods import init_kinds
+
+    return {**_CHOICES, "recover.init": ("auto", "noise", *init_kinds())}
+
+
 def validate(cfg: Config) -> Config:
     """Value checks that types alone cannot express."""
-    for dotted, choices in _CHOICES.items():
+    for dotted, choices in _choices().items():
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
@@ -299,7 +303,7 @@ def validate(cfg: Config) -> Config:
     from pipeline.models import check_arch  # local import: models pulls in torch
 
     if cfg.train.hard_dsa_strategy != "auto":
-        from pipeline.dsa import parse_strategy
+        from pipeline.augment.dsa import parse_strategy
 
         try:
             parse_strategy(cfg.train.hard_dsa_strategy)

@@ -13,11 +13,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.core.errors import ConfigError  # noqa: F401 - re-exported by pipeline.config
+from pipeline.core.imageops import IMAGENET_MEAN, IMAGENET_STD
+
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A configuration or usage error (exit code 2)."""
 
 
 def _f(default: Any, doc: str) -> Any:
@@ -43,11 +42,6 @@ def _by_name(default: tuple[float, ...], doc: str) -> Any:
     everything after it, never re-ingest.
     """
     return field(default_factory=lambda: list(default), metadata={"hash": "by-name", "doc": doc})
-
-
-# torchvision's ImageNet statistics: what torchvision's and SRe2L's ImageNet teachers expect.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -98,7 +92,8 @@ class RecoverCommon:
     ipc: int = _f(10, "images per class")
     init: str = _f("auto", "initial images: auto (the method's default) | noise | real (seeded random real "
                    "images) | real-correct (real images the teacher classifies correctly, PAD's idea) | "
-                   "real-herding | real-k-center | real-forgetting | real-loss-score (the selection methods' picks)")
+                   "real-<selection> (a selection method's picks, e.g. real-herding; `distill methods` names "
+                   "each selection that can start other methods)")
     classes_per_shard: int = _f(0, "classes per unit and per synthesis batch (0 = min(100, classes))")
     ipc_per_unit: int = _f(10, "images per class in one unit of work (methods that make a class's images "
                            "together take all IPC in one unit)")

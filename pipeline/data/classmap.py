@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from manifests.store import atomic_write_text
-from pipeline.config import ConfigError
+from pipeline.core.errors import ConfigError
 
 REAL_DIR = "real"
 """Folder of the ingested real data under the run directory."""

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.crops import CROP_RATIO, CROP_SCALE, CROP_TRIES
+from pipeline.augment.crops import CROP_RATIO, CROP_SCALE, CROP_TRIES
+from pipeline.core.seeding import derive_seed
 from pipeline.data.images import IMAGE_EXTS, SMALL_PAD, SMALL_RESOLUTION
 from pipeline.data.loader_base import PAD_LABEL, BaseLoader, Batch
-from pipeline.seeding import derive_seed
 
 DALI_INSTALL_HINT = "install it with `pip install -e .[dali]` (the nvidia-dali-cuda130 wheel)"
 

@@ -11,7 +11,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from pipeline.seeding import derive_seed
+from pipeline.core.seeding import derive_seed
 
 CLASSES = [str(i) for i in range(10)]
 

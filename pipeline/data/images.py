@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from pipeline.crops import RandomDraws, random_resized_crop
+from pipeline.augment.crops import RandomDraws, random_resized_crop
 
 if TYPE_CHECKING:
     from PIL import Image

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.core.imageops import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.data.sharding import eval_batches, rank_range, shard_keys, train_batches
 
 PAD_LABEL = -1

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
+from pipeline.core.seeding import derive_seed
 from pipeline.data.images import IMAGE_EXTS, decode_rgb_image, pil_transform
 from pipeline.data.loader_base import BaseLoader, Batch
 from pipeline.data.sharding import rank_range
-from pipeline.seeding import derive_seed
 
 
 def _worker() -> tuple[int, int]:

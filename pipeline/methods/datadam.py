@@ -62,7 +62,7 @@ class DataDamWorker(DistributionMatchingWorker):
     cfg: DataDamConfig
 
     def attention(self) -> Any:
-        from pipeline.matching import AttentionSpec
+        from pipeline.methods.matching import AttentionSpec
 
         return AttentionSpec(p=self.cfg.p, lam=self.cfg.lam, scale=self.cfg.scale)
 

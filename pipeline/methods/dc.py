@@ -8,11 +8,11 @@ cosine distance between grad_theta CE(net(real_c)) (256 real images, a constant)
 (kept differentiable), summed over classes, one SGD step on the images (lr 0.1, momentum 0.5), then, except
 after the last outer step, `inner_loop` epochs of plain SGD (lr 0.01, batch 256) of the network on S. DSA
 applies one Siamese draw per class to real_c and S_c, and per-sample DSA in the inner loop. The compute is
-`pipeline.matching.gradient_matching`.
+`pipeline.methods.matching.gradient_matching`.
 
 (outer, inner) per IPC is the official table (1: 1, 1; 10: 10, 50; 20: 20, 25; 30: 30, 20; 40: 40, 15;
 50: 50, 10); the official code refuses other IPCs, here outer = IPC and inner is linearly interpolated
-(`pipeline.matching.dc_loops`), or both are set by `outer_loop` / `inner_loop`.
+(`pipeline.methods.matching.dc_loops`), or both are set by `outer_loop` / `inner_loop`.
 
 Differences from the official code: seeded networks (not the clock); a unit's classes are condensed without
 the other classes, so with several units the inner loop trains the network on the unit's classes only
@@ -83,13 +83,13 @@ class GradientMatchingWorker:
         self.env, self.cfg = env, cfg
 
     def loops(self, ipc: int) -> tuple[int, int]:
-        from pipeline.matching import dc_loops
+        from pipeline.methods.matching import dc_loops
 
         outer, inner = dc_loops(ipc)
         return self.cfg.outer_loop or outer, self.cfg.inner_loop or inner
 
     def run(self, classes: range, ipc: range, gen: Any, unit_key: str) -> MethodOutput:
-        from pipeline.matching import GradientMatching, gradient_matching
+        from pipeline.methods.matching import GradientMatching, gradient_matching
 
         env, c = self.env, self.cfg
         outer, inner = self.loops(len(ipc))

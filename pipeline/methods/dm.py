@@ -4,7 +4,7 @@ https://github.com/VICO-UoE/DatasetCondensation, `main_DM.py`).
 Per iteration a fresh random ConvNet-3 (instance norm), in train mode and never trained, embeds a Siamese-DSA
 view of 256 real images and of the IPC synthetic images of each class; the loss is
 sum_c ||mean embed(real_c) - mean embed(S_c)||^2 and one SGD step (lr 1, momentum 0.5) moves all images. The
-compute is `pipeline.matching.distribution_matching`; this file maps the config onto it and holds what the
+compute is `pipeline.methods.matching.distribution_matching`; this file maps the config onto it and holds what the
 matching methods (`dm`, `datadam`, `dc`, `dsa`) share: loading a unit's real images, the init, the output.
 
 Differences from the official code: the per-iteration network is seeded from the unit's generator instead of
@@ -41,7 +41,7 @@ class NetConfig:
 
 
 def check_strategy(strategy: str) -> None:
-    from pipeline.dsa import parse_strategy
+    from pipeline.augment.dsa import parse_strategy
 
     parse_strategy(strategy)  # ValueError naming the bad operation
 
@@ -77,7 +77,7 @@ def load_real(env: Any, classes: range) -> Any:
     """The unit's real training images, all of each class, as a `RealImages` cache (uint8) on the device."""
     import torch
 
-    from pipeline.matching import RealImages
+    from pipeline.methods.matching import RealImages
 
     pool = env.require_real()
     per_class = []
@@ -105,7 +105,7 @@ def initial_images(env: Any, classes: range, ipc: range, gen: Any) -> Any:
 
 
 def net_spec(env: Any, cfg: NetConfig, classes: range) -> Any:
-    from pipeline.matching import NetSpec
+    from pipeline.methods.matching import NetSpec
 
     return NetSpec(num_classes=max(2, len(classes)), resolution=env.resolution, width=cfg.width, depth=cfg.depth,
                    norm=cfg.norm)  # type: ignore[arg-type]
@@ -115,17 +115,12 @@ def method_output(env: Any, images: Any, hist: dict[str, Any], classes: range, i
                   iterations: int) -> MethodOutput:
     """Denormalize and clamp to [0, 1] (only here: the official code never clamps while optimizing), one image
     per (class, ipc index) in class-major order, and the loss figures (one host sync)."""
-    from pipeline.matching import summarize
-    from pipeline.synthesis import denormalize
+    from pipeline.core.imageops import denormalize
+    from pipeline.methods.matching import summarize
 
     pixels = denormalize(images, env.mean, env.std).clamp_(0.0, 1.0).cpu()
-    out = MethodOutput(images=[], classes=[], ipc_index=[], metrics=summarize(hist))
-    n = len(ipc)
-    for k, c in enumerate(classes):
-        for jj, j in enumerate(ipc):
-            out.images.append(pixels[k * n + jj])
-            out.classes.append(c)
-            out.ipc_index.append(j)
+    out = MethodOutput(metrics=summarize(hist))
+    out.add(pixels, [c for c in classes for _ in ipc], [j for _ in classes for j in ipc])  # class-major
     out.metrics["image_iterations"] = len(out.images) * iterations
     return out
 
@@ -144,14 +139,14 @@ class DistributionMatchingWorker:
         return self.cfg.lr
 
     def settings(self, ipc: int) -> Any:
-        from pipeline.matching import DistributionMatching
+        from pipeline.methods.matching import DistributionMatching
 
         c = self.cfg
         return DistributionMatching(iterations=c.iterations, lr=self.image_lr(ipc), momentum=c.momentum,
                                     batch_real=c.batch_real, strategy=c.strategy, attention=self.attention())
 
     def run(self, classes: range, ipc: range, gen: Any, unit_key: str) -> MethodOutput:
-        from pipeline.matching import distribution_matching
+        from pipeline.methods.matching import distribution_matching
 
         env = self.env
         real = load_real(env, classes)

@@ -13,9 +13,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.core.seeding import generator
 from pipeline.methods.base import Needs, doc_field, register
 from pipeline.methods.sre2l import Sre2lConfig, SynthesisWorker
-from pipeline.seeding import generator
 
 
 @dataclass

@@ -8,18 +8,15 @@ into units, and any worker, picks the same images.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 
-from pipeline.seeding import generator
-
-SELECTIONS = ("herding", "k-center")  # the greedy selections of `pipeline.selection`, by method name
-RANKINGS = ("forgetting", "loss-score")  # selections by a per-sample score (`ranked_rows`)
-INIT_KINDS = ("real", "real-correct", *(f"real-{s}" for s in SELECTIONS + RANKINGS))  # what `init_rows` accepts
+from pipeline.core.seeding import generator
+from pipeline.methods.base import get_method, init_kinds, selections
+from pipeline.methods.realpool import RealPool
 
 
 class ClassForward(NamedTuple):
@@ -41,7 +38,7 @@ class RecoverEnv:
     resolution: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    init: str = "noise"  # initial images: noise | one of INIT_KINDS (`recover.init`, auto resolved by the method)
+    init: str = "noise"  # initial images: noise | one of `init_kinds()` (`recover.init`, auto resolved by the method)
     amp: torch.dtype | None = None  # autocast dtype on GPU, None = fp32
     channels_last: bool = False
     compile: str = "off"  # `recover.compile`: auto | on | off (SRe2L / DWA's teacher objective)
@@ -49,21 +46,23 @@ class RecoverEnv:
     teacher: torch.nn.Module | None = None
     real: RealPool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    # The squeeze stage's per-sample statistics (`pipeline.sample_stats`), loaded on first use by this callable;
+    # The squeeze stage's per-sample statistics (`pipeline.train.sample_stats`), loaded on first use by this callable;
     # it raises a ValueError saying why there are none (an imported teacher, squeeze.sample_stats = false).
     stats_loader: Any = None
     loss_score: Any = None  # the loss-score settings (`recover.loss_score`: score, source, take)
+    # The upstream artifacts the method declared in its `Needs`, by name (teacher, sample-stats, ...): a loader each,
+    # called once by `artifact`. Set by the recover stage.
+    artifact_loaders: dict[str, Callable[[], Any]] = field(default_factory=dict)
     feature_batch: int = 256  # real images per teacher forward in `features` (bounds activation memory)
     # Classes whose teacher pass `features` keeps (least recently used dropped first). The default covers a
     # default class shard (at most 100 classes), so a unit's classes go through the teacher once even when
     # `init_rows` comes back to them for every IPC index. ImageNet + ResNet-18 (512-d, ~1300 images a class):
     # about 2.7 MB a class, 340 MB in all, in host memory.
     feature_cache_classes: int = 128
-    # Checkpoints inside a unit (`pipeline.unit_state`): their folder (None = none: loops run straight through),
-    # the tag that ties a file to this configuration (the recover stage's config hash), the seconds between saves.
-    unit_state_dir: Path | None = None
-    unit_state_tag: str = ""
-    checkpoint_every_s: float = 300.0
+    # Checkpoints inside a unit: unit key -> a `LoopCheckpoint` (`pipeline.methods.matching.common`), made by the
+    # recover stage (`pipeline.run.unit_state.UnitCheckpoint`, tagged with its config hash); None = no checkpoints:
+    # loops run straight through.
+    open_checkpoint: Callable[[str], Any] | None = None
     _checkpoints: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
     _forward: OrderedDict[int, ClassForward] = field(default_factory=OrderedDict, init=False, repr=False,
                                                      compare=False)
@@ -71,21 +70,52 @@ class RecoverEnv:
     _rows: dict[tuple[str, int], list[int]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def checkpoint(self, unit_key: str) -> Any:
-        """The unit's `UnitCheckpoint` (the same object for every call during the unit; the recover stage takes
-        it back with `pop_checkpoint`), or None when this env has no checkpoint folder."""
-        if self.unit_state_dir is None:
+        """The unit's checkpoint (the same object for every call during the unit; the recover stage takes it back
+        with `pop_checkpoint`), or None when this env makes none."""
+        if self.open_checkpoint is None:
             return None
         if unit_key not in self._checkpoints:
-            from pipeline.unit_state import UnitCheckpoint
-
-            self._checkpoints[unit_key] = UnitCheckpoint(self.unit_state_dir / f"{unit_key}.pt",
-                                                         f"{self.unit_state_tag}:{unit_key}",
-                                                         self.checkpoint_every_s, label=unit_key)
+            self._checkpoints[unit_key] = self.open_checkpoint(unit_key)
         return self._checkpoints[unit_key]
 
     def pop_checkpoint(self, unit_key: str) -> Any:
         """The checkpoint the unit used (None if it used none), forgotten by this env."""
         return self._checkpoints.pop(unit_key, None)
+
+    def artifact(self, name: str) -> Any:
+        """The upstream artifact `name` (a reader or object: the teacher, the per-sample statistics, ...), loaded on
+        first use; a RuntimeError for one the method did not declare in its `Needs`."""
+        key = f"artifact:{name}"
+        if key not in self.extra:
+            if name not in self.artifact_loaders:
+                raise RuntimeError(f"artifact {name!r} was asked for, but the method did not declare it in its Needs "
+                                   f"(this worker has: {', '.join(self.artifact_loaders) or 'none'})")
+            self.extra[key] = self.artifact_loaders[name]()
+        return self.extra[key]
+
+    def teacher_logits(self, x: torch.Tensor, batch: int = 0) -> torch.Tensor:
+        """The teacher's float32 logits [N, C] for normalized images x [N, 3, H, W]: eval mode, no gradient, bf16
+        autocast when `amp`, channels_last on CUDA when set, in chunks of `batch` (0 = `feature_batch`) so any
+        number of images fits; on x's device. The teacher's train/eval mode is restored afterwards."""
+        teacher = self.teacher
+        if teacher is None:
+            raise RuntimeError("teacher logits were asked for, but the method declared no need for the teacher")
+        step = max(1, batch or self.feature_batch)
+        was_training = teacher.training
+        teacher.eval()  # BN running statistics, no dropout: a row's logits must not depend on its chunk
+        out = []
+        try:
+            with torch.no_grad():
+                for i in range(0, len(x), step):
+                    chunk = x[i:i + step]
+                    if self.channels_last and chunk.device.type == "cuda":
+                        chunk = chunk.contiguous(memory_format=torch.channels_last)
+                    with torch.autocast(device_type=chunk.device.type, dtype=self.amp or torch.bfloat16,
+                                        enabled=self.amp is not None):
+                        out.append(teacher(chunk).float())
+        finally:
+            teacher.train(was_training)
+        return torch.cat(out) if out else x.new_zeros((0, 0))
 
     def require_real(self) -> RealPool:
         if self.real is None:
@@ -114,16 +144,18 @@ class RecoverEnv:
         methods output. Indices past the end wrap around. `need` (optional) is how many images of each class the
         caller will ask for in all: the selections are then computed once for that many instead of grown.
         """
-        if kind not in INIT_KINDS:
-            raise ValueError(f"unknown real init {kind!r}; expected one of {', '.join(INIT_KINDS)}")
+        kinds = init_kinds()
+        if kind not in kinds:
+            raise ValueError(f"unknown real init {kind!r}; expected one of {', '.join(kinds)}")
         pool = self.require_real()
+        selection = get_method(kind.removeprefix("real-")).selection if kind not in ("real", "real-correct") else ""
         rows = []
         for c in classes:
             if kind == "real-correct":
                 order = self.correct_rows(c) or pool.class_rows(c, "real-pick")
             elif kind == "real":
                 order = pool.class_rows(c, "real-pick")
-            elif kind.removeprefix("real-") in RANKINGS:
+            elif selection == "ranking":
                 order = self.ranked_rows(kind.removeprefix("real-"), c)
             else:
                 order = self.selected_rows(kind.removeprefix("real-"), c, max(j + 1, need))
@@ -142,11 +174,11 @@ class RecoverEnv:
         """All of the class's rows, best first, by the per-sample ranking `kind`:
 
         forgetting: most forgetting events first, never-learned samples (never classified correctly during the
-        teacher's training) before all others (Toneva et al.); loss-score: `pipeline.selection.loss_scores` of the
-        class (`recover.loss_score`: score or score2, from the loss buffers or the final teacher), the low or
+        teacher's training) before all others (Toneva et al.); loss-score: `pipeline.methods.selection.loss_scores` of
+        the class (`recover.loss_score`: score or score2, from the loss buffers or the final teacher), the low or
         the high end first. Ties keep the class's seeded order (run seed, "rank-<kind>", class).
         """
-        from pipeline import selection
+        from pipeline.methods import selection
 
         key = ("rank-" + kind, cls)
         if key in self._rows:
@@ -174,7 +206,7 @@ class RecoverEnv:
                 ll, lp = fwd.loss_label[pos].double(), fwd.loss_pred[pos].double()
             ranked = selection.rank(selection.loss_scores(ll, lp, cfg.score), descending=cfg.take == "high")
         else:
-            raise ValueError(f"unknown ranking {kind!r}; expected one of {', '.join(RANKINGS)}")
+            raise ValueError(f"unknown ranking {kind!r}; expected one of {', '.join(selections('ranking'))}")
         self._rows[key] = [order[i] for i in ranked]
         return list(self._rows[key])
 
@@ -204,10 +236,10 @@ class RecoverEnv:
         (run seed, "recover", "k-center", class), not from a unit's generator, so that the selection method and
         `init_rows` agree whatever the unit split.
         """
-        from pipeline import selection
+        from pipeline.methods import selection
 
-        if kind not in SELECTIONS:
-            raise ValueError(f"unknown selection {kind!r}; expected one of {', '.join(SELECTIONS)}")
+        if kind not in selections("greedy"):
+            raise ValueError(f"unknown selection {kind!r}; expected one of {', '.join(selections('greedy'))}")
         key = (kind, cls)
         have = self._rows.get(key, [])
         n = len(self.require_real().rows(cls))
@@ -248,37 +280,29 @@ class RecoverEnv:
             captured.append(inputs[0].detach())
 
         handle = head.register_forward_hook(hook)
-        was_training = teacher.training
-        teacher.eval()  # BN running statistics, no dropout: features must not depend on the chunk
         feats, preds, losses = [], [], []
         target = torch.full((1,), cls, dtype=torch.int64)
         try:
-            with torch.no_grad():
-                for i in range(0, len(rows), max(1, self.feature_batch)):
-                    x = pool.batch(rows[i:i + max(1, self.feature_batch)])
-                    if self.channels_last and x.device.type == "cuda":
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    with torch.autocast(device_type=x.device.type, dtype=self.amp or torch.bfloat16,
-                                        enabled=self.amp is not None):
-                        logits = teacher(x)
-                    if not captured:
-                        raise RuntimeError(f"the last nn.Linear of {type(teacher).__name__} did not run in its "
-                                           "forward: no features to take")
-                    # The last call wins should a model call its head more than once per forward.
-                    feats.append(captured[-1].float().reshape(len(x), -1).cpu())
-                    captured.clear()
-                    preds.append(logits.argmax(dim=1).cpu())
-                    losses.append(sample_losses(logits.float().cpu(), target.expand(len(x))))
+            for i in range(0, len(rows), max(1, self.feature_batch)):
+                x = pool.batch(rows[i:i + max(1, self.feature_batch)])
+                logits = self.teacher_logits(x, batch=len(x))  # one forward: the hook sees this chunk alone
+                if not captured:
+                    raise RuntimeError(f"the last nn.Linear of {type(teacher).__name__} did not run in its "
+                                       "forward: no features to take")
+                # The last call wins should a model call its head more than once per forward.
+                feats.append(captured[-1].float().reshape(len(x), -1).cpu())
+                captured.clear()
+                preds.append(logits.argmax(dim=1).cpu())
+                losses.append(sample_losses(logits.cpu(), target.expand(len(x))))
         finally:
             handle.remove()
-            teacher.train(was_training)
         return ClassForward(rows=list(rows), feats=torch.cat(feats), preds=torch.cat(preds),
                             loss_label=torch.cat([a for a, _ in losses]), loss_pred=torch.cat([b for _, b in losses]))
 
 
 def sample_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(CE against the label, CE against the argmax) per row, as the squeeze stage's loss buffers."""
-    from pipeline.sample_stats import losses
+    from pipeline.train.sample_stats import losses
 
     _, loss_label, loss_pred = losses(logits, labels)
     return loss_label, loss_pred
@@ -291,59 +315,3 @@ def last_linear(model: torch.nn.Module) -> torch.nn.Linear:
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layer to take features from")
     return linears[-1]
-
-
-class RealPool:
-    """The real training images of the ingest shards, read by offset through the parquet index (less the
-    holdout slice: `holdout` = (eval.holdout_fraction, data.shuffle_seed))."""
-
-    def __init__(self, real_dir: Path, index_paths: list[Path], seed: int, resolution: int,
-                 mean: tuple[float, ...], std: tuple[float, ...], device: torch.device,
-                 holdout: tuple[float, int] = (0.0, 0)) -> None:
-        from pipeline.data.shards import IndexedImages, read_index
-        from pipeline.holdout import holdout_rows
-
-        self.images = IndexedImages(real_dir, read_index(index_paths))
-        by_class = self.images.rows_of_class()
-        # the holdout slice (fraction, seed) is never offered to a method (see pipeline.holdout)
-        held = set(holdout_rows(by_class, *holdout)) if holdout[0] > 0 else set()
-        self.by_class = {c: [r for r in rows if r not in held] for c, rows in by_class.items()}
-        self.seed, self.resolution, self.mean, self.std, self.device = seed, resolution, mean, std, device
-
-    def label(self, row: int) -> int:
-        return int(self.images.cls[row])
-
-    def rows(self, cls: int) -> list[int]:
-        rows = self.by_class.get(cls, [])
-        if not rows:
-            raise ValueError(f"class {cls} has no real training images in the ingest index")
-        return rows
-
-    def class_rows(self, cls: int, purpose: str) -> list[int]:
-        """This class's rows in a seeded order keyed by (run seed, purpose, class): any unit split agrees."""
-        rows = self.rows(cls)
-        g = generator(self.seed, "recover", purpose, cls)
-        return [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
-
-    def batch(self, rows: list[int]) -> torch.Tensor:
-        """Normalized real images [len(rows), 3, R, R] on the device (shorter side resized, center crop)."""
-        from pipeline.data.synthetic import decode_rgb
-        from pipeline.synthesis import normalize
-
-        arrays = [center_crop(decode_rgb(self.images.raw(i)), self.resolution) for i in rows]
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
-        return normalize(x, self.mean, self.std).to(self.device)
-
-
-def center_crop(arr: np.ndarray, res: int) -> np.ndarray:
-    """Resize the shorter side to `res` (bilinear) and center-crop res x res."""
-    from PIL import Image
-
-    h, w = arr.shape[:2]
-    if (h, w) == (res, res):
-        return arr
-    scale = res / min(h, w)
-    nh, nw = max(res, round(h * scale)), max(res, round(w * scale))
-    img = Image.fromarray(arr).resize((nw, nh), Image.BILINEAR)
-    top, left = (nh - res) // 2, (nw - res) // 2
-    return np.asarray(img.crop((left, top, left + res, top + res)), dtype=np.uint8)

@@ -1,7 +1,7 @@
 """Herding selection: per class, the IPC real training images whose running mean stays closest to the class mean
 in the teacher's penultimate feature space (the input of its last nn.Linear).
 
-Real images are chosen, not synthesized. The greedy rule is `pipeline.selection.herding` (argmin of
+Real images are chosen, not synthesized. The greedy rule is `pipeline.methods.selection.herding` (argmin of
 || mu_c - (s + x) / (t + 1) ||; DeepCore's `Herding` takes the argmax, a known bug, not followed here). The
 features come from `RecoverEnv.features`: one teacher pass over all of a class's real images. The selection is
 computed for the unit's whole IPC range from index 0 and sliced, so any IPC split gives the same images (the
@@ -26,18 +26,19 @@ class SelectionWorker:
         self.env, self.kind = env, kind
 
     def run(self, classes: range, ipc: range, gen: Any, unit_key: str) -> MethodOutput:
-        from pipeline.synthesis import denormalize
+        from pipeline.core.imageops import denormalize
 
         env = self.env
         pool = env.require_real()
-        out = MethodOutput(images=[], classes=[], ipc_index=[], metrics={"image_iterations": 0})
+        out = MethodOutput(metrics={"image_iterations": 0})
         feature_s = select_s = 0.0
         short: list[int] = []
-        from pipeline.methods.env import RANKINGS
+        from pipeline.methods.base import get_method
 
+        ranking = get_method(self.kind).selection == "ranking"
         for c in classes:
             t0 = time.perf_counter()
-            if self.kind in RANKINGS:  # a per-sample score: the whole class ranked
+            if ranking:  # a per-sample score: the whole class ranked
                 t1 = t0
                 order = env.ranked_rows(self.kind, c)
                 rows = order
@@ -52,10 +53,7 @@ class SelectionWorker:
                 short.append(c)
             picks = [order[j % len(order)] for j in ipc]
             images = denormalize(pool.batch(picks), env.mean, env.std).clamp(0, 1)
-            for j, img in zip(ipc, images, strict=True):
-                out.images.append(img)
-                out.classes.append(c)
-                out.ipc_index.append(j)
+            out.add(images, [c] * len(ipc), ipc)
         out.metrics.update(feature_seconds=round(feature_s, 3), selection_seconds=round(select_s, 3),
                            short_classes=short)
         return out
@@ -63,6 +61,7 @@ class SelectionWorker:
 
 @register("herding", description="selection: per class, the real images whose running mean in the teacher's "
                                  "feature space stays closest to the class mean (greedy herding)",
-          needs=Needs(teacher=True, real_images=True), whole_class=True, default_init="real", synthesizes=False)
+          needs=Needs(teacher=True, real_images=True), whole_class=True, default_init="real", synthesizes=False,
+          selection="greedy")
 def open_herding(env: Any, cfg: None) -> SelectionWorker:
     return SelectionWorker(env, "herding")

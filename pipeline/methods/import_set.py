@@ -38,7 +38,7 @@ def class_files(root: Path, name: str) -> list[Path]:
 
 def check_folder(root: str, class_names: list[str], ipc: int) -> None:
     """ConfigError unless `root` holds a folder of at least `ipc` images for every class and nothing else."""
-    from pipeline.config import ConfigError
+    from pipeline.core.errors import ConfigError
 
     if not root:
         raise ConfigError("recover.method=import needs recover.import_set.path: a folder of class folders "
@@ -83,8 +83,8 @@ class ImportWorker:
         import torch
         from PIL import Image, UnidentifiedImageError
 
-        from pipeline.config import ConfigError
-        from pipeline.methods.env import center_crop
+        from pipeline.core.errors import ConfigError
+        from pipeline.core.imageops import center_crop
 
         res = self.env.resolution
         try:
@@ -97,15 +97,13 @@ class ImportWorker:
         return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
 
     def run(self, classes: range, ipc: range, gen: Any, unit_key: str) -> MethodOutput:
-        out = MethodOutput(images=[], classes=[], ipc_index=[], metrics={"image_iterations": 0})
+        out = MethodOutput(metrics={"image_iterations": 0})
         used: list[Path] = []
         for j in ipc:
             for c in classes:
                 path = class_files(self.root, self.names[c])[j]
                 used.append(path)
-                out.images.append(self.load(path))
-                out.classes.append(c)
-                out.ipc_index.append(j)
+                out.add([self.load(path)], [c], [j])
         out.metrics["import_sha256"] = files_digest(used)
         out.metrics["import_files"] = [f"{p.parent.name}/{p.name}" for p in used]
         return out

@@ -4,8 +4,8 @@ score(x_i)  = l(f(x_i), y_i) / mean over the class of l(f(x_k), y_k)
 score2(x_i) = (l_label(x_i) - l_pred(x_i)) / mean over the class of l_label(x_k)
 
 with l_label the cross-entropy against the label and l_pred against the predicted class
-(`pipeline.selection.loss_scores`). The losses come from the loss buffers of the squeeze stage (each training
-image's losses averaged over the last `squeeze.stats_window` epochs, `pipeline.sample_stats`) or from the final
+(`pipeline.methods.selection.loss_scores`). The losses come from the loss buffers of the squeeze stage (each training
+image's losses averaged over the last `squeeze.stats_window` epochs, `pipeline.train.sample_stats`) or from the final
 teacher, run here on the class's images (`source = final`, which also works with an imported teacher). With a
 per-class budget the normalization does not change which images a class keeps; it makes the recorded scores
 comparable across classes.
@@ -52,6 +52,6 @@ class LossScoreWorker(SelectionWorker):
 @register("loss-score", description="selection: per class, the real images with the lowest (or highest) "
                                     "class-normalized teacher loss (score / score2)",
           needs=Needs(teacher=True, real_images=True), config=LossScoreConfig, whole_class=True,
-          default_init="real", synthesizes=False)
+          default_init="real", synthesizes=False, selection="ranking")
 def open_loss_score(env: Any, cfg: LossScoreConfig) -> LossScoreWorker:
     return LossScoreWorker(env, cfg)

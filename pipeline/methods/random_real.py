@@ -17,16 +17,12 @@ class RandomRealWorker:
         self.env = env
 
     def run(self, classes: range, ipc: range, gen: Any, unit_key: str) -> MethodOutput:
-        from pipeline.synthesis import denormalize
+        from pipeline.core.imageops import denormalize
 
         env = self.env
-        out = MethodOutput(images=[], classes=[], ipc_index=[], metrics={"image_iterations": 0})
+        out = MethodOutput(metrics={"image_iterations": 0})
         for j in ipc:
-            images = denormalize(env.real_init(classes, j), env.mean, env.std).clamp(0, 1)
-            for cls, img in zip(classes, images, strict=True):
-                out.images.append(img)
-                out.classes.append(cls)
-                out.ipc_index.append(j)
+            out.add(denormalize(env.real_init(classes, j), env.mean, env.std).clamp(0, 1), classes, [j] * len(classes))
         return out
 
 

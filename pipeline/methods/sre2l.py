@@ -2,7 +2,7 @@
 
 Per batch of one image of each class of the unit: Adam on the normalized pixels against the frozen teacher,
 loss CE + r_bn * BN-statistics term, one random crop / flip / roll per iteration, last iterate saved. The
-compute is `pipeline.synthesis.synthesize_batch`; this file only maps the config onto it. DWA
+compute is `pipeline.methods.synthesis.synthesize_batch`; this file only maps the config onto it. DWA
 (`pipeline.methods.dwa`) is the same worker with a weight perturbation before each batch.
 """
 
@@ -90,7 +90,7 @@ class SynthesisWorker:
         self._max_groups: int | None = None  # lowered when a merged forward ran out of GPU memory
 
     def objective(self, compiled: bool, groups: int = 1) -> Any:
-        from pipeline.synthesis import TeacherObjective
+        from pipeline.methods.synthesis import TeacherObjective
 
         if (compiled, groups) not in self._objectives:
             self._objectives[compiled, groups] = TeacherObjective(self.env.teacher, self.cfg.r_var,
@@ -99,7 +99,7 @@ class SynthesisWorker:
         return self._objectives[compiled, groups]
 
     def _synthesize(self, compiled: bool, gen: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any, bool]:
-        from pipeline.synthesis import synthesize_batch
+        from pipeline.methods.synthesis import synthesize_batch
 
         groups = len(kwargs["draws"]) if kwargs.get("draws") is not None else 1
         if compiled and not self._compile_failed:
@@ -142,14 +142,14 @@ class SynthesisWorker:
     def run(self, classes: range, ipc: range, gen: Any, unit_key: str) -> MethodOutput:
         import torch
 
-        from pipeline.synthesis import DWAParams, RecoverParams
+        from pipeline.methods.synthesis import DWAParams, RecoverParams
 
         env, c = self.env, self.cfg
         params = RecoverParams(iterations=c.iterations, lr=c.lr, r_bn=c.r_bn, r_var=c.r_var,
                                first_bn_multiplier=c.first_bn_multiplier, crop_scale=(c.crop_scale_min, 1.0),
                                jitter=c.jitter, crop=c.crop, flip=c.flip)
         targets = torch.tensor(list(classes), dtype=torch.long, device=env.device)
-        out = MethodOutput(images=[], classes=[], ipc_index=[])
+        out = MethodOutput()
         finals: list[dict[str, float]] = []
         radius: list[torch.Tensor] = []
         compiled = wants_compile(env.compile, c.iterations, len(ipc))
@@ -177,10 +177,10 @@ class SynthesisWorker:
                     groups: int) -> MethodOutput:
         """SRe2L with `groups` IPC batches per forward: each batch's init and all its augmentations are drawn
         from `gen` in the order of the one-batch loop before any is optimized, so the draws are the same."""
-        from pipeline.synthesis import draw_augment
+        from pipeline.methods.synthesis import draw_augment
 
         env, c = self.env, self.cfg
-        out = MethodOutput(images=[], classes=[], ipc_index=[])
+        out = MethodOutput()
         finals: list[dict[str, float]] = []
         compiled_batches = 0
         order = list(ipc)
@@ -200,7 +200,7 @@ class SynthesisWorker:
 
     def _init_batch(self, classes: range, j: int, gen: Any) -> Any:
         """Batch `j`'s starting images, one per class: real ones where the init asks for them, else noise."""
-        from pipeline.synthesis import init_images
+        from pipeline.methods.synthesis import init_images
 
         env = self.env
         real = env.init_batch(classes, j) if env.init.startswith("real") else None
@@ -215,10 +215,7 @@ class SynthesisWorker:
         last = {k: float(v[-tail:].mean()) for k, v in hist.items()}  # one host sync per batch
         last.update({f"{k}_first": float(v[0]) for k, v in hist.items()})
         finals.append(last)
-        for cls, img in zip(classes, images, strict=True):
-            out.images.append(img)
-            out.classes.append(cls)
-            out.ipc_index.append(j)
+        out.add(images, classes, [j] * len(classes))
 
     def _finish(self, out: MethodOutput, finals: list[dict[str, float]], compiled_batches: int, batches: int,
                 radius: list[Any], groups: int) -> MethodOutput:

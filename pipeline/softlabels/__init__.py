@@ -2,7 +2,8 @@
 
 `targets`: the teacher's tempered softmax over all classes, kept as top-k fp16 logits plus the log-partition,
 how far a stored target is from the full one, the KD loss. `store`: one parquet row per (epoch, image) view,
-a checksum of the regenerated views, streamed writer and epoch-indexed reader.
+a checksum of the regenerated views, streamed writer and epoch-indexed reader. May import: `pipeline.core`,
+`pipeline.augment` (the views a row is keyed by).
 """
 
 from pipeline.softlabels.reader import SoftLabelTable, read_soft_labels

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from pipeline.augment import draw_view
+from pipeline.augment.views import draw_view
 from pipeline.softlabels.store import FORMAT_VERSION, SOFT_LABEL_COLUMNS, ViewSource, index_type, view_checksum
 from pipeline.softlabels.targets import SoftLabels, teacher_probs
 

@@ -2,7 +2,7 @@
 
 Parquet layout
 --------------
-One row per (epoch, image id) view of the student (see ``pipeline.augment``). Only what cannot be recomputed
+One row per (epoch, image id) view of the student (see ``pipeline.augment.views``). Only what cannot be recomputed
 is stored: the view itself (crop, flip, mix partner, lambda, CutMix box) is a pure function of
 (run seed, epoch, image id), so the student regenerates it and checks it against a checksum instead.
 
@@ -72,7 +72,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.augment import ViewConfig, ViewParams
+from pipeline.augment.views import ViewConfig, ViewParams
 from pipeline.softlabels.targets import SoftLabels, check_temperature
 
 FORMAT_VERSION = "2"

@@ -1,0 +1,6 @@
+"""The error every layer raises for bad input: the CLI turns it into one line and exit code 2."""
+
+
+class ConfigError(ValueError):
+    """A configuration or usage error (exit code 2): a bad key or value, a missing or damaged input file, a run
+    directory that cannot be used. The message names the file, key or class and what to do."""
