@@ -13,7 +13,8 @@ official 1000 for DSA-augmented sets is shortened). `--hard-augment dsa` trains 
 augmentation (the hard protocol's `auto` gives it only to sets made by DSA, DM and DataDAM, as their papers
 do): with `--methods random-real` that is the fair reference for those rows; such runs are kept apart (run
 directory `<method>-ipc<i>-s<seed>-aug-dsa`, table row `<method> (aug dsa)`). Results are appended to
-`<work>/results.jsonl` as each run finishes, so an interrupted table resumes where it stopped (a matching
+`<work>/results.jsonl` as each run finishes (`--set KEY=VALUE` adds overrides to every run, e.g. a matching
+method's published schedule on a GPU; such runs get their own run directories and table rows too), so an interrupted table resumes where it stopped (a matching
 method's unit from its last checkpoint inside the unit); the markdown table is printed at the end (and written
 to `--out`).
 """
@@ -60,17 +61,27 @@ def teacher(work: Path, seed: int) -> Path:
             time.sleep(1.0)
 
 
-def one_run(work: Path, method: str, ipc: int, seed: int, epochs: int, augment: str = "auto") -> dict:
+def _set_tag(extra: list[str]) -> str:
+    """A short, stable name for a list of extra overrides (run directories and table rows keep such runs apart)."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(sorted(extra)).encode()).hexdigest()[:8] if extra else ""
+
+
+def one_run(work: Path, method: str, ipc: int, seed: int, epochs: int, augment: str = "auto",
+            extra: list[str] | None = None) -> dict:
     from pipeline.commands.recipes import load_config
     from pipeline.run.runner import run_pipeline
 
+    extra = list(extra or [])
     src = teacher(work, seed)
-    run_dir = work / (f"{method}-ipc{ipc}-s{seed}" + ("" if augment == "auto" else f"-aug-{augment}"))
+    run_dir = work / (f"{method}-ipc{ipc}-s{seed}" + ("" if augment == "auto" else f"-aug-{augment}")
+                      + (f"-set-{_set_tag(extra)}" if extra else ""))
     if not run_dir.exists():
         shutil.copytree(src, run_dir)
     overrides = [*COMMON, f"seed={seed}", f"recover.method={method}", f"recover.ipc={ipc}",
                  f"recover.ipc_per_unit={min(ipc, 5)}", "train.protocol=hard", f"train.hard_epochs={epochs}",
-                 f"train.hard_augment={augment}"]
+                 f"train.hard_augment={augment}", *extra]
     t0 = time.time()
     run_pipeline(load_config("demo", overrides=overrides), run_dir, progress=False)
     summary = json.loads((run_dir / "results" / "summary.json").read_text())
@@ -78,11 +89,15 @@ def one_run(work: Path, method: str, ipc: int, seed: int, epochs: int, augment: 
     return {"method": method, "ipc": ipc, "seed": seed, "top1": summary["top1"], "epochs": epochs,
             "recover_s": round(sum(r["metrics"].get("seconds", 0.0) for r in recs), 1),
             "wall_s": round(time.time() - t0, 1), "augmentation": summary["protocol"]["augmentation"],
-            "hard_augment": augment}
+            "hard_augment": augment, **({"set": sorted(extra)} if extra else {}),
+            "device": next((r["metrics"].get("device") for r in recs), None)}
 
 
 def _aug(row: dict) -> str:
-    return row.get("hard_augment", "auto")  # rows written before the option existed ran with auto
+    """The row's variant: its hard augmentation (rows written before the option existed ran with auto), and its
+    extra overrides (`--set`), if any."""
+    aug = row.get("hard_augment", "auto")
+    return aug if not row.get("set") else f"{aug}, set {' '.join(row['set'])}"
 
 
 def table(rows: list[dict], methods: list[str], ipcs: list[int]) -> str:
@@ -105,7 +120,7 @@ def table(rows: list[dict], methods: list[str], ipcs: list[int]) -> str:
             ref = PAPER.get(m) if aug == "auto" else None
             cells.append(ref[(1, 10).index(i)] if ref and i in (1, 10) else "-")
             secs.append(f"{statistics.mean(sec):.0f}" if sec else "-")
-        name = m if aug == "auto" else f"{m} (aug {aug})"
+        name = m if aug == "auto" else f"{m} ({aug})" if aug.startswith("auto,") else f"{m} (aug {aug})"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {'/'.join(secs)} |")
     return "\n".join(lines)
 
@@ -119,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--student-epochs", type=int, default=300, help="hard-protocol student epochs")
     p.add_argument("--hard-augment", default="auto", choices=("auto", "dsa", "none"),
                    help="train.hard_augment of the students (auto: DSA augmentation for DSA, DM, DataDAM sets only)")
+    p.add_argument("--set", dest="extra", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="another config override for every run (repeatable), e.g. a method's published schedule "
+                        "on a GPU: --set recover.dm.iterations=20000 --set recover.dm.batch_real=256; such runs get "
+                        "their own run directories and table rows")
     p.add_argument("--out", default=None, help="also write the markdown table here")
     p.add_argument("--report", action="store_true", help="only print the table of the results so far")
     args = p.parse_args(argv)
@@ -129,12 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     results = work / "results.jsonl"
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     done = {(r["method"], r["ipc"], r["seed"], r["epochs"], _aug(r)) for r in rows}
+    variant = _aug({"hard_augment": args.hard_augment, "set": sorted(args.extra)})
     for seed in [] if args.report else seeds:
         for ipc in ipcs:
             for m in methods:
-                if (m, ipc, seed, args.student_epochs, args.hard_augment) in done:
+                if (m, ipc, seed, args.student_epochs, variant) in done:
                     continue
-                row = one_run(work, m, ipc, seed, args.student_epochs, args.hard_augment)
+                row = one_run(work, m, ipc, seed, args.student_epochs, args.hard_augment, args.extra)
                 print(json.dumps(row), flush=True)
                 with results.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")

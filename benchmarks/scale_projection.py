@@ -1,7 +1,15 @@
 """Project ImageNet-1K recover on many GPUs: wall time, GPU-hours, queue tail and storage, from stated inputs.
 
-    python benchmarks/scale_projection.py                                  # the README's table
+    python benchmarks/scale_projection.py                                  # DWA, 2000 iterations (docs/benchmarks.md)
+    python benchmarks/scale_projection.py --iterations 4000 --throughput 14912   # SRe2L
     python benchmarks/scale_projection.py --throughput 4000 --overhead 0.5  # with your own measured figures
+
+The default throughput is measured, not published: `benchmarks/gpu_check.py` on one NVIDIA H200 (torch 2.11,
+docs/benchmarks.md "GPU figures"), ResNet-18 at 224 px, batches of 100 classes, the pipeline's GPU defaults (bf16
+autocast, channels_last, the compiled objective). DWA runs one batch per forward at 10,160 image-iterations/s plus
+0.185 s of weight perturbation per batch: 100 x 2000 / (100 x 2000 / 10,160 + 0.185) = 10,065 image-iterations/s
+over a 2000-iteration batch. SRe2L shares one forward among a unit's 10 batches: 14,912. (The official SRe2L code
+in fp32 on an RTX 4090, the figure used before: about 1,900.)
 
 The work queue hands out units of `--classes-per-unit` classes x `--ipc-per-unit` images per class, each
 `--iterations` iterations; a unit takes images x iterations / throughput seconds plus the queue's per-unit
@@ -73,10 +81,10 @@ def measure_overhead(units: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--throughput", type=float, default=1900.0,
-                   help="recover image-iterations/s per GPU (default: the official SRe2L code's published RTX 4090 "
-                        "figure for ResNet-18 at 224 px, fp32: IPC 50 x 1000 classes x 4000 iterations in about 29 h; "
-                        "not measured here)")
+    p.add_argument("--throughput", type=float, default=10065.0,
+                   help="recover image-iterations/s per GPU (default: DWA at the pipeline's GPU defaults, ResNet-18 at "
+                        "224 px, batches of 100, measured by benchmarks/gpu_check.py on one H200, its weight "
+                        "perturbation included; SRe2L at its defaults: 14912)")
     p.add_argument("--overhead", type=float, default=1.0, help="queue seconds per unit")
     p.add_argument("--measure-overhead", type=int, default=0, metavar="UNITS",
                    help="first measure the per-unit overhead on a local Ray cluster with this many units")
