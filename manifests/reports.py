@@ -112,7 +112,7 @@ def fairness_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
                      f"{_signed(r.get('hlr_mean'))} | {'-' if r.get('lrs_mean') is None else format(r['lrs_mean'], '.3f')} | "
                      f"{'-' if hours is None else f'{hours:.3f}'} | {'-' if per is None else f'{per:.1f}'} |")
     lines += ["", "IOR = top-1(method) - top-1(random-real), HLR = top-1(full real, hard) - top-1(method, hard), in "
-              "fractions (see the README's fairness metrics); device-h: the run's own device hours (GPU hours on "
+              "fractions (see docs/evaluation.md, fairness metrics); device-h: the run's own device hours (GPU hours on "
               "GPU, CPU process-hours otherwise), baselines apart; random-real rows are the runs' baselines.", ""]
     return lines
 

@@ -3,7 +3,7 @@
 Each recipe follows its official counterpart (SRe2L: https://github.com/VILA-Lab/SRe2L, its Tiny-ImageNet
 trainer https://github.com/zeyuanyin/tiny-imagenet; DWA: https://github.com/AngusDujw/Diversity-Driven-Synthesis)
 and its docstring names every setting where it does not, with the reason. `distill recipes` prints the first
-line of each; the README's recipe table repeats the differences.
+line of each; docs/configuration.md's recipe table repeats the differences.
 """
 
 from __future__ import annotations

@@ -327,7 +327,7 @@ def config_from_json(path: Path) -> Config:
 
 
 def describe() -> str:
-    """Every key with its type, default and documentation, for --help and the README."""
+    """Every key with its type, default and documentation, for --help and docs/configuration.md."""
     lines = ["seed: int = 0  # run seed: every unit is seeded from (seed, stage, unit key)"]
     cfg = Config()
 

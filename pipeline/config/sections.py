@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def _f(default: Any, doc: str) -> Any:
-    """A field with its documentation: `distill run --help` and the README list it."""
+    """A field with its documentation: `distill run --help` and docs/configuration.md list it."""
     return field(default=default, metadata={"doc": doc})
 
 

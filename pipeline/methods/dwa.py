@@ -4,7 +4,7 @@ https://github.com/AngusDujw/Diversity-Driven-Synthesis).
 Before each synthetic batch the teacher's parameters move by K normalized ascent steps of total radius rho on
 CE over one real subset B, then SRe2L's recover runs against the perturbed teacher, which is restored after
 the batch. B is drawn here, per worker, from the unit's own classes: class-balanced, fresh for every batch,
-the same B for all K steps (see the README for how this differs from the official code and why).
+the same B for all K steps (see docs/methods.md, DWA, for how this differs from the official code and why).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ comparable across classes.
 
 Which end to keep (`take`): low (the easiest, most typical images) or high (the hardest). The default, low, was
 chosen by measurement on a holdout slice of the bundled digits' *training* split (`benchmarks/loss_score_end.py`;
-README, "Which end of the loss-score ranking to keep"): at IPC 1 low 81.4 %, high 45.0 %, random 73.0 %.
+docs/benchmarks.md, "Which end of the loss-score ranking to keep"): at IPC 1 low 81.4 %, high 45.0 %, random 73.0 %.
 """
 
 from __future__ import annotations

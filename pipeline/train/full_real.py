@@ -8,7 +8,7 @@ points `eval.baseline_dir` at the same folder. A result file is written last (at
 one is unfinished work that resumes from its checkpoint.
 
 The training images are decoded once into memory ([N, 3, R, R] uint8 at the data resolution, center crop):
-fine for digits, CIFAR or Tiny-ImageNet sized sets; for ImageNet-1K at 224 px that is 150 GB, so the README
+fine for digits, CIFAR or Tiny-ImageNet sized sets; for ImageNet-1K at 224 px that is 150 GB, so docs/reliability.md
 says to leave `full-real` out of `eval.baselines` there.
 """
 
