@@ -81,7 +81,7 @@ def test_import_round_trips_through_export_byte_for_byte(teacher_run, tmp_path):
                  progress=False)
     assert _recover_files(again) == _recover_files(run_dir)
     # export refuses to write over a folder that is not empty, unless told to
-    with pytest.raises(ConfigError, match="not empty"):
+    with pytest.raises(ConfigError, match="holds a previous export; choose a new folder or pass --force"):
         export_run(run_dir, out)
     assert export_run(run_dir, out, force=True) == out and (out / "SHA256SUMS").is_file()
 
@@ -112,3 +112,33 @@ def test_export_refuses_a_run_without_recover_or_with_a_damaged_shard(teacher_ru
     with pytest.raises(ConfigError, match=shard.name):
         export_run(run_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_export_never_deletes_the_run_its_siblings_or_a_folder_that_is_not_an_export(teacher_run, tmp_path, capsys):
+    """`--out` = the run, a folder inside it, or its parent (which once deleted the run and every sibling run), and
+    `--force` over a folder that is not a previous export: refused with exit 2 before anything is touched."""
+    from pipeline.commands.cli import main
+
+    par = tmp_path / "par"
+    run_dir = clone_run(teacher_run, par / "run")
+    clone_run(teacher_run, par / "sibling")
+    run_pipeline(fast_config("recover.method=random-real"), run_dir, stages=["recover"], progress=False)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+
+    def tree() -> dict[str, str]:
+        return {p.relative_to(tmp_path).as_posix(): _sha(p) for p in tmp_path.rglob("*") if p.is_file()}
+
+    before = tree()
+    for out, why in ((run_dir, "is the run directory"), (run_dir / "export", "inside the run directory"),
+                     (par, "holds the run directory"), (mine, "not a previous export")):
+        with pytest.raises(ConfigError, match=why):
+            export_run(run_dir, out, force=True)
+        assert main(["export", str(run_dir), "--out", str(out), "--force"]) == 2
+        assert why in capsys.readouterr().err
+    assert tree() == before  # nothing deleted, nothing written
+    # a previous export is what --force replaces
+    out = export_run(run_dir, tmp_path / "exported")
+    (out / "README.md").write_text("edited")
+    assert export_run(run_dir, out, force=True) == out and (out / "README.md").read_text() != "edited"

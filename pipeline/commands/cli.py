@@ -78,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
                        "config, a data-set card and SHA256SUMS (read back with recover.method=import)")
     e.add_argument("run_dir", help="the run directory (its recover stage must be complete)")
     e.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
-    e.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    e.add_argument("--force", action="store_true",
+                   help="replace --out when it holds a previous export (nothing else is ever replaced)")
 
     b = sub.add_parser("bench", help="throughput of recover (every method), relabel, student training and the "
                        "loaders against a plain fp32 eager baseline, with ratios and peak memory",

@@ -13,6 +13,11 @@ DIR gets:
 
 The run's recover (and relabel) files are verified against their records first. The export is built in a
 temporary folder beside DIR and renamed at the end, so a crash leaves nothing that looks complete.
+
+What is refused before anything is written or deleted: an `--out` that is the run directory, lies inside it or
+holds it (`--out` = the run's parent folder once deleted the run and its siblings); and, even with `--force`, a
+non-empty `--out` that is not a previous export (`is_export`: only the files an export writes, and its
+`SHA256SUMS` naming `config.json` and `README.md`). `--force` replaces only a previous export.
 """
 
 from __future__ import annotations
@@ -75,6 +80,43 @@ def card(summary: dict[str, Any] | None, cfg: dict[str, Any], num_images: int) -
     return "\n".join(lines)
 
 
+EXPORT_ENTRIES = frozenset({"images", "soft_labels", "config.json", "README.md", "SHA256SUMS"})
+
+
+def is_export(folder: Path) -> bool:
+    """Whether `folder` holds a previous export and nothing else: only the entries an export writes, its
+    SHA256SUMS listing config.json and README.md."""
+    try:
+        entries = {p.name for p in folder.iterdir()}
+        sums = (folder / "SHA256SUMS").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+    listed = {line.split("  ", 1)[1] for line in sums.splitlines() if "  " in line}
+    return entries <= EXPORT_ENTRIES and {"config.json", "README.md"} <= listed
+
+
+def check_out(run_dir: Path, out: Path, force: bool) -> None:
+    """Refuse (ConfigError, before anything is written) an `out` that overlaps the run directory, or a non-empty
+    `out` that `--force` may not replace."""
+    run, dst = run_dir.resolve(), out.resolve()
+    if dst == run or run in dst.parents:
+        raise ConfigError(f"--out {out} is {'the run directory' if dst == run else 'inside the run directory'} "
+                          f"{run_dir}; export to a folder outside it")
+    if dst in run.parents:
+        raise ConfigError(f"--out {out} holds the run directory {run_dir}: replacing it would delete the run; "
+                          "export to a new folder outside it")
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; choose a folder")
+    if not is_export(out):
+        raise ConfigError(f"--out {out} is not empty and is not a previous export (which holds only images/, "
+                          "soft_labels/, config.json, README.md and SHA256SUMS): choose a new folder; --force "
+                          "replaces only a previous export")
+    if not force:
+        raise ConfigError(f"--out {out} holds a previous export; choose a new folder or pass --force to replace it")
+
+
 def export_run(run_dir: str | Path, out: str | Path, force: bool = False) -> Path:
     """Write the export of `run_dir` to `out` (see the module doc); ConfigError for what a user must fix."""
     from manifests.verify import verify_outputs
@@ -87,6 +129,7 @@ def export_run(run_dir: str | Path, out: str | Path, force: bool = False) -> Pat
         cfg = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{run_dir} is not a run directory (config.json: {exc})") from None
+    check_out(run_dir, out, force)
     store = ManifestStore(run_dir)
     stage = store.load("recover", STAGE_RECORD)
     if stage is None:
@@ -100,8 +143,6 @@ def export_run(run_dir: str | Path, out: str | Path, force: bool = False) -> Pat
     if problems:
         raise ConfigError(f"{run_dir}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1
                                                           else "") + "; rerun `distill run` to repair it")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ConfigError(f"--out {out} exists and is not empty; choose a new folder or pass --force to replace it")
     names = read_class_map(run_dir / "real")["classes"]
     index = read_index(synthetic_index_paths(run_dir, recover))
     images = IndexedImages(run_dir / SYNTHETIC_DIR, index)
