@@ -164,3 +164,27 @@ def test_worker_that_cannot_start_fails_the_stage_cleanly(tmp_path, monkeypatch)
     with pytest.raises(StageFailed, match="cannot open the worker"):
         run_pipeline(load_config("demo"), tmp_path / "run", stages=["ingest"], progress=False)
     assert len(ManifestStore(tmp_path / "run").failures("ingest")) == 8
+
+
+@pytest.mark.parametrize("where", ["file", "class"])
+def test_a_name_that_is_not_utf8_is_refused_naming_it(tmp_path, where, capsys):
+    """A file (or class folder) whose name is not valid UTF-8 stops ingest with its bytes named and exit 2, before
+    anything is written (it used to crash with a raw UnicodeEncodeError naming nothing)."""
+    import os
+
+    from pipeline.commands.cli import main
+
+    data = make_image_folder(tmp_path / "d")
+    good = data / "train" / "n00000001" / "img_000.JPEG"
+    if where == "file":
+        os.rename(good, os.path.join(os.fsencode(good.parent), b"caf\xe9.JPEG"))
+    else:
+        for split in ("train", "val"):
+            os.rename(data / split / "n00000001", os.path.join(os.fsencode(data / split), b"n0000000\xe9"))
+    with pytest.raises(ConfigError, match=r"not valid UTF-8; rename it"):
+        _ingest(data, tmp_path / "run")
+    assert not (tmp_path / "run" / "real").exists()
+    rc = main(["run", "--data-dir", str(data), "--run-dir", str(tmp_path / "cli"), "--stages", "ingest",
+               "--set", "executor.kind=local", "--set", "data.num_workers=0", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and ("caf\\xe9.JPEG" in err if where == "file" else "n0000000\\xe9" in err), err

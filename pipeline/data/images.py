@@ -66,6 +66,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def check_name(folder: str | Path, name: str) -> None:
+    """A ConfigError naming the entry when its file name is not valid UTF-8 (Linux hands such names to Python with
+    surrogate escapes; they cannot be written to the shards' JSON, the parquet index or a log line)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        from pipeline.core.errors import ConfigError
+
+        raise ConfigError(f"{folder}: the name {os.fsencode(name)!r} is not valid UTF-8; rename it (for example "
+                          "`convmv -f latin1 -t utf8 --notest`) or move it out of the data folder") from None
+
+
 def class_folders(split_dir: str | Path) -> list[str]:
     """The class folders of one split, sorted: torchvision's `find_classes` rule (every sub-folder, names
     starting with a dot included; class index = position). Dot-named folders (.ipynb_checkpoints, .git...)
@@ -73,6 +85,8 @@ def class_folders(split_dir: str | Path) -> list[str]:
     shift every class index against torchvision's on the same folder ('.' sorts first)."""
     split_dir = Path(split_dir)
     names = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+    for name in names:
+        check_name(split_dir, name)
     hidden = [n for n in names if n.startswith(".")]
     if hidden and str(split_dir) not in _WARNED_HIDDEN:
         _WARNED_HIDDEN.add(str(split_dir))

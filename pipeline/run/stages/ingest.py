@@ -19,7 +19,7 @@ from pipeline.core.errors import ConfigError
 from pipeline.core.seeding import derive_seed
 from pipeline.data import demo
 from pipeline.data.classmap import REAL_DIR, class_map_path, write_class_map
-from pipeline.data.images import SOURCE_IMAGE_SUFFIXES, class_folders, to_rgb
+from pipeline.data.images import SOURCE_IMAGE_SUFFIXES, check_name, class_folders, to_rgb
 from pipeline.data.shards import Sample, shard_name, write_shard
 from pipeline.run.base import RunContext, Stage, Unit, UnitResult
 from pipeline.run.graph import register_stage
@@ -71,6 +71,8 @@ def scan_folder(root: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]]
             folder = root / split / name
             with os.scandir(folder) as it:
                 files = sorted((e for e in it if e.is_file() and not e.name.startswith(".")), key=lambda e: e.name)
+            for e in files:
+                check_name(folder, e.name)
             images = [e for e in files if Path(e.name).suffix.lower() in SOURCE_IMAGE_SUFFIXES]
             skipped += len(files) - len(images)
             if not images:
