@@ -7,7 +7,9 @@ For every run directory the collector
 1. reads every record of every stage under `manifests/` (unit records and `_stage` records) and checks
    the size and sha256 of each output file a record names (streamed hashing). A missing or changed file
    is reported with the run, stage, unit and file, and the run is left out of the table;
-2. treats a run without an `evaluate` record as incomplete: it is listed, never counted;
+2. treats a run without an `evaluate` record as incomplete: it is listed, never counted; a run whose evaluate
+   record's metrics differ from the `results/summary.json` it names (a record edited by hand) is reported and not
+   counted;
 3. takes the result of a verified run from the evaluate record's metrics (falling back to the
    resolved `config.json` for the keys that describe the experiment).
 
@@ -41,7 +43,14 @@ from manifests.reports import (
     format_markdown,
     write_outputs,
 )
-from manifests.results import RunResult, cell_results, duplicate_seeds, results_table, run_result
+from manifests.results import (
+    RunResult,
+    cell_results,
+    duplicate_seeds,
+    results_table,
+    run_result,
+    summary_mismatch,
+)
 from manifests.verify import load_records, verify_outputs
 
 
@@ -99,6 +108,10 @@ def verify_runs(run_dirs: Sequence[Path], jobs: int = 4) -> tuple[list[RunResult
             problems.extend(unreadable + issues)
             continue
         bad = unreadable + verify_outputs(run_dir, records, jobs=jobs)
+        edited = None if bad else summary_mismatch(run_dir, records)
+        if edited:
+            problems.append(edited)
+            continue
         if bad:
             problems.extend(bad)
             problems.append(f"run {run_dir}: {len(bad)} output problem(s); not counted")

@@ -153,6 +153,36 @@ def run_result(run_dir: Path, records: dict[str, list[Record]]) -> tuple[RunResu
     ), []
 
 
+def summary_mismatch(run_dir: Path, records: dict[str, list[Record]]) -> str | None:
+    """A message when the evaluate record's metrics (what collect counts) differ from the `results/summary.json` the
+    record names (whose size and sha256 the record also holds, so it is checked first by `verify_outputs`): a record
+    edited by hand. None when they agree, or when the record names no summary file."""
+    evals = [r for r in records.get(EVALUATE, []) if r.unit != STAGE_RECORD and r.status == "done"]
+    if not evals:
+        return None
+    rec = max(evals, key=lambda r: r.ended)
+    paths = [Path(run_dir) / o.uri for o in rec.outputs if o.uri.endswith("summary.json")]
+    if not paths:
+        return None
+    try:
+        summary = json.loads(paths[0].read_text())
+    except (OSError, ValueError) as exc:
+        return f"run {run_dir}: stage evaluate: {paths[0]} cannot be read ({exc}); not counted"
+
+    def canon(v: Any) -> str:
+        return json.dumps(v, sort_keys=True)
+
+    # the executor adds its usage figures (device, device_s, peak memory) to the record: only the file's keys count
+    keys = sorted(k for k in summary if canon(rec.metrics.get(k)) != canon(summary[k]))
+    if not keys:
+        return None
+    shown = ", ".join(f"{k}: record {rec.metrics.get(k)!r}, file {summary.get(k)!r}" if not isinstance(
+        summary.get(k), dict | list) else k for k in keys[:4])
+    return (f"run {run_dir}: stage evaluate: unit {rec.unit}: its record differs from {paths[0].name}, whose hash it "
+            f"holds ({shown}{', ...' if len(keys) > 4 else ''}): the record was edited; not counted (rerun "
+            "`distill run --stages evaluate --fresh` to write both again)")
+
+
 def cell_results(run: RunResult) -> list[RunResult]:
     """A run's entries: one per cell of its evaluation matrix (`summary["cells"]`; a summary without cells is one
     entry) with its fairness metrics and cost, then its random-real baseline's cells as entries of method

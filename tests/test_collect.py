@@ -260,3 +260,21 @@ def test_a_matrix_run_counts_each_cell_and_a_shared_baseline_once(tmp_path: Path
     with open(tmp_path / "table.csv") as f:
         long = {(r["method"], r["protocol"], r["student"]): r for r in csv.DictReader(f)}
     assert float(long[("dwa", "kd", "convnet")]["ior_mean"]) == pytest.approx(0.10)
+
+
+def test_an_evaluate_record_edited_by_hand_is_reported_and_not_counted(runs_root: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`sed` on the evaluate record's top1: the summary file it names (hash intact) says otherwise."""
+    edited = runs_root / "dwa-ipc10-s1"
+    record = edited / "manifests" / "evaluate" / "job.json"
+    was = TOP1[("dwa", 10)][1]
+    text = record.read_text()
+    assert f'"top1": {was}' in text
+    record.write_text(text.replace(f'"top1": {was}', '"top1": 84.79'))
+    assert collect_main([str(runs_root / "*")], None) == 1
+    captured = capsys.readouterr()
+    assert f"top1: record 84.79, file {was}" in captured.err and "the record was edited; not counted" in captured.err
+    values = [TOP1[("dwa", 10)][0], TOP1[("dwa", 10)][2]]
+    cell = format_cell(statistics.fmean(values), statistics.stdev(values), 2)
+    assert f"| digits | convnet | convnet | kd | dwa | 96.00 | {cell} |" in captured.out
+    assert not [line for line in captured.out.splitlines() if line.startswith("| digits") and "84.79" in line]

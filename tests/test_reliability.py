@@ -319,6 +319,9 @@ def test_corrupt_config_and_record_json_are_named_with_the_cause(teacher_run: Pa
 
 def test_collect_out_on_a_path_that_cannot_be_written_is_a_one_line_error(
         full_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a real run collects cleanly: its evaluate record (with the executor's usage figures) matches its summary file
+    assert main(["collect", str(full_run)]) == 0
+    assert "1 run(s) counted" in capsys.readouterr().err
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     assert main(["collect", str(full_run), "--out", str(blocker / "sub" / "results.md")]) == 2
