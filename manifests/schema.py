@@ -33,6 +33,9 @@ class FileRef:
         return FileRef(uri=uri, sha256=sha, bytes=size)
 
 
+RECORD_STATUSES = ("done", "failed")
+
+
 @dataclass(frozen=True)
 class Record:
     """What one unit did. Written last, atomically: its presence marks the unit done."""
@@ -62,6 +65,8 @@ class Record:
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise ValueError(f"manifest schema version {version} is not supported (expected {SCHEMA_VERSION})")
+        if data.get("status") not in RECORD_STATUSES:  # an unknown status must not pass for done
+            raise ValueError(f"status {data.get('status')!r} is not one of {', '.join(RECORD_STATUSES)}")
         data = dict(data)
         data["inputs"] = tuple(FileRef(**f) for f in data.get("inputs", ()))
         data["outputs"] = tuple(FileRef(**f) for f in data.get("outputs", ()))

@@ -211,3 +211,14 @@ def test_keys_added_after_runs_existed_are_hashed_only_when_set(key, other, stag
     first = min(i for i, s in enumerate(a) if a[s] != b[s])
     assert list(a)[first] in stages  # the stage that reads it is the first whose hash moves
     assert compute_hashes(load_config("demo", overrides=[f"{key}={getattr(base, section).__dict__[name]}"])) == a
+
+
+def test_a_key_given_twice_in_a_config_file_is_refused_naming_it(tmp_path):
+    """Plain YAML keeps the last of two equal keys silently: the first setting would be lost without a word."""
+    path = tmp_path / "my.yaml"
+    path.write_text("recipe: demo\nrecover:\n  ipc: 10\n  method: dm\n  ipc: 1\n")
+    with pytest.raises(ConfigError, match=r"my.yaml: not valid YAML: .*duplicate key 'ipc'.*line 5"):
+        load_config(config_file=str(path))
+    path.write_text("recipe: demo\nrecover:\n  ipc: 10\ntrain:\n  epochs: 3\n")  # the same key in two sections
+    cfg = load_config(config_file=str(path))
+    assert cfg.recover.ipc == 10 and cfg.train.epochs == 3

@@ -315,6 +315,15 @@ def test_corrupt_config_and_record_json_are_named_with_the_cause(teacher_run: Pa
         assert main(argv) == 2
         msg = _last_error(capsys)
         assert msg.startswith(f"distill: error: record {record} is corrupt (JSONDecodeError")
+    # a record whose status is not a known value does not pass for done (it used to, in `status` and `run`)
+    other = run_dir / "manifests" / "ingest" / "val-000000.json"
+    other.write_text(other.read_text().replace('"status": "done"', '"status": "maybe"'))
+    record.unlink()
+    for argv in (["status", "--run-dir", str(run_dir)], _argv(run_dir, stages="ingest")):
+        capsys.readouterr()
+        assert main(argv) == 2
+        assert _last_error(capsys).startswith(f"distill: error: record {other} is corrupt (ValueError: status "
+                                              "'maybe' is not one of done, failed)")
 
 
 def test_collect_out_on_a_path_that_cannot_be_written_is_a_one_line_error(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import Config, ConfigError, apply_dict, apply_overrides, validate
+from pipeline.config import Config, ConfigError, apply_dict, apply_overrides, load_yaml, validate
 
 DIGITS_STRATEGY = "color_crop_cutout_scale_rotate"  # pipeline.augment.dsa.DIGITS_STRATEGY (that module imports torch)
 TINY_MEAN, TINY_STD = [0.4802, 0.4481, 0.3975], [0.2302, 0.2265, 0.2262]
@@ -247,9 +247,9 @@ def load_config(recipe: str | None = None, config_file: str | None = None, overr
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
         base = data.pop("recipe", None) if isinstance(data, dict) else None
         cfg = get_recipe(base) if base else Config()
         named = isinstance(data, dict) and isinstance(data.get("data"), dict) and "dataset" in data["data"]

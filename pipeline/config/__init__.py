@@ -19,6 +19,7 @@ from pipeline.config.loading import (
     apply_overrides,
     config_from_json,
     describe,
+    load_yaml,
     parse_override,
     validate,
 )
@@ -43,5 +44,6 @@ from pipeline.config.sections import (
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "LEGACY_KEYS", "LEGACY_RECOVER_KEYS", "SECTIONS", "Config", "ConfigError",
     "DataConfig", "EvalConfig", "ExecutorConfig", "RecoverCommon", "RecoverConfig", "RelabelConfig", "SqueezeConfig",
-    "TrainConfig", "apply_dict", "apply_overrides", "config_from_json", "describe", "parse_override", "validate",
+    "TrainConfig", "apply_dict", "apply_overrides", "config_from_json", "describe", "load_yaml", "parse_override",
+    "validate",
 ]
