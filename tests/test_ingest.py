@@ -188,3 +188,13 @@ def test_a_name_that_is_not_utf8_is_refused_naming_it(tmp_path, where, capsys):
                "--set", "executor.kind=local", "--set", "data.num_workers=0", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and ("caf\\xe9.JPEG" in err if where == "file" else "n0000000\\xe9" in err), err
+
+
+@pytest.mark.parametrize("inside", ["train", "", "val/n00000000"])
+def test_a_run_directory_inside_the_data_folder_is_refused_before_it_is_created(tmp_path, inside):
+    data = make_image_folder(tmp_path / "d")
+    before = sorted(p.relative_to(data).as_posix() for p in data.rglob("*"))
+    run_dir = data / inside / "myrun" if inside else data
+    with pytest.raises(ConfigError, match="is inside the data folder"):
+        _ingest(data, run_dir)
+    assert sorted(p.relative_to(data).as_posix() for p in data.rglob("*")) == before  # nothing created there

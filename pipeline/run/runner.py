@@ -335,6 +335,18 @@ def _progress(name: str, total: int, initial: int, enabled: bool) -> Any:
                 dynamic_ncols=True, leave=True)
 
 
+def refuse_run_dir_in_data(cfg: Config, run_dir: Path) -> None:
+    """A ConfigError, before anything is created, when the run directory is the data folder or inside it: ingest
+    would list it as a class folder (or its files as images) and the run would write into the user's data."""
+    if cfg.data.source == "demo":
+        return
+    src, run = Path(cfg.data.source).resolve(), Path(run_dir).resolve()
+    if run == src or src in run.parents:
+        raise ConfigError(f"the run directory {run_dir} is inside the data folder {cfg.data.source}: ingest would "
+                          "read it as data and the run would write into your data; choose a run directory outside "
+                          "the data folder")
+
+
 def run_pipeline(
     cfg: Config, run_dir: Path, stages: list[str] | None = None, fresh: bool = False,
     executor: Executor | None = None, progress: bool = True, graph: StageGraph | None = None,
@@ -347,6 +359,7 @@ def run_pipeline(
     """
     graph = graph or pipeline_graph()
     names = graph.select(stages)
+    refuse_run_dir_in_data(cfg, Path(run_dir))
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     try:
         with run_dir_lock(Path(run_dir)):  # one driver per run directory, held until the end of the run
