@@ -9,7 +9,7 @@ For every run directory the collector
    is reported with the run, stage, unit and file, and the run is left out of the table;
 2. treats a run without an `evaluate` record as incomplete: it is listed, never counted; a run whose evaluate
    record's metrics differ from the `results/summary.json` it names (a record edited by hand) is reported and not
-   counted;
+   counted; a second directory holding a run id already seen (a copied run) is reported and counted once;
 3. takes the result of a verified run from the evaluate record's metrics (falling back to the
    resolved `config.json` for the keys that describe the experiment).
 
@@ -101,6 +101,7 @@ def verify_runs(run_dirs: Sequence[Path], jobs: int = 4) -> tuple[list[RunResult
     """The verified complete runs among `run_dirs`, and a message for each problem found."""
     problems: list[str] = []
     runs: list[RunResult] = []
+    first_of: dict[str, Path] = {}  # run id -> the first run directory that holds it
     for run_dir in run_dirs:
         records, unreadable = load_records(run_dir)
         result, issues = run_result(run_dir, records)
@@ -116,6 +117,11 @@ def verify_runs(run_dirs: Sequence[Path], jobs: int = 4) -> tuple[list[RunResult
             problems.extend(bad)
             problems.append(f"run {run_dir}: {len(bad)} output problem(s); not counted")
             continue
+        if result.run_id in first_of:  # a copied run directory: the same run, so counted once
+            problems.append(f"run {run_dir}: the same run (run id {result.run_id}) as {first_of[result.run_id]}, "
+                            "a copy of it; counted once")
+            continue
+        first_of[result.run_id] = run_dir
         runs.append(result)
     return runs, problems
 

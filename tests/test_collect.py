@@ -278,3 +278,17 @@ def test_an_evaluate_record_edited_by_hand_is_reported_and_not_counted(runs_root
     cell = format_cell(statistics.fmean(values), statistics.stdev(values), 2)
     assert f"| digits | convnet | convnet | kd | dwa | 96.00 | {cell} |" in captured.out
     assert not [line for line in captured.out.splitlines() if line.startswith("| digits") and "84.79" in line]
+
+
+def test_a_copied_run_is_counted_once(runs_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A copy of a run directory holds the same run id: pooling both would count one run as n = 2."""
+    import shutil
+
+    shutil.copytree(runs_root / "dwa-ipc10-s1", runs_root / "zz-copy")
+    assert collect_main([str(runs_root / "*")], None) == 1
+    captured = capsys.readouterr()
+    assert "zz-copy: the same run (run id dwa-ipc10-s1)" in captured.err and "counted once" in captured.err
+    values = TOP1[("dwa", 10)]
+    cell = format_cell(statistics.fmean(values), statistics.stdev(values), 3)
+    assert f"| digits | convnet | convnet | kd | dwa | 96.00 | {cell} |" in captured.out
+    assert "12 run(s) counted" in captured.err
