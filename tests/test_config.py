@@ -222,3 +222,12 @@ def test_a_key_given_twice_in_a_config_file_is_refused_naming_it(tmp_path):
     path.write_text("recipe: demo\nrecover:\n  ipc: 10\ntrain:\n  epochs: 3\n")  # the same key in two sections
     cfg = load_config(config_file=str(path))
     assert cfg.recover.ipc == 10 and cfg.train.epochs == 3
+
+
+def test_a_resolution_the_architectures_cannot_take_is_refused_at_load():
+    """data.resolution=7 used to pass the load and fail in squeeze: a ConvNet of depth 3 needs 8 px."""
+    with pytest.raises(ConfigError, match=r"'data.resolution' \(7\) does not suit the architecture 'convnet'.*>= 8"):
+        load_config("demo", overrides=["data.resolution=7"])
+    with pytest.raises(ConfigError, match=r"'data.resolution' \(12\) does not suit the architecture 'lenet'"):
+        load_config("demo", overrides=["data.resolution=12", "train.arch=lenet"])
+    assert load_config("demo", overrides=["data.resolution=8"]).data.resolution == 8

@@ -336,7 +336,25 @@ def validate(cfg: Config) -> Config:
             check_arch(value)
         except ValueError as exc:
             raise ConfigError(f"config key '{dotted}': {exc}") from None
+    _check_resolution(cfg, dict.fromkeys(value for _, value in archs))
     return cfg
+
+
+def _check_resolution(cfg: Config, archs: dict[str, None]) -> None:
+    """Every architecture of the run must be buildable at `data.resolution` (a ConvNet of depth 3 needs 8 px,
+    LeNet 16, some torchvision models more): built on the meta device (shapes only, no memory), so a bad
+    resolution stops the load instead of the squeeze stage."""
+    import torch
+
+    from pipeline.models import build_model
+
+    for arch in archs:
+        try:
+            with torch.device("meta"):
+                build_model(arch, 2, cfg.data.resolution)
+        except (ValueError, RuntimeError) as exc:
+            raise ConfigError(f"config key 'data.resolution' ({cfg.data.resolution}) does not suit the "
+                              f"architecture '{arch}': {exc}") from None
 
 
 def config_from_json(path: Path) -> Config:
