@@ -198,3 +198,18 @@ def test_a_run_directory_inside_the_data_folder_is_refused_before_it_is_created(
     with pytest.raises(ConfigError, match="is inside the data folder"):
         _ingest(data, run_dir)
     assert sorted(p.relative_to(data).as_posix() for p in data.rglob("*")) == before  # nothing created there
+
+
+def test_images_in_a_sub_folder_of_a_class_folder_are_counted_and_named_in_a_warning(tmp_path, caplog):
+    """torchvision's ImageFolder reads them; ingest reads only a class folder's own files, and says so."""
+    import logging
+    import shutil
+
+    data = make_image_folder(tmp_path / "d")
+    sub = data / "train" / "n00000001" / "extra"
+    sub.mkdir()
+    shutil.copy(data / "train" / "n00000001" / "img_000.JPEG", sub / "img_900.JPEG")
+    with caplog.at_level(logging.WARNING):
+        ctx = _ingest(data, tmp_path / "run")
+    assert "1 sub-folder(s) of class folders are not read (train/n00000001/extra)" in caplog.text
+    assert ctx.store.load("ingest", "_stage") is not None  # the run goes on with the class folders' own files

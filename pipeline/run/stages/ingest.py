@@ -65,12 +65,15 @@ def scan_folder(root: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]]
     items: dict[str, list[tuple[str, int]]] = {}
     per_class: dict[str, dict[str, dict[str, Any]]] = {}
     skipped = 0
+    nested: list[str] = []  # sub-folders of class folders: torchvision's ImageFolder reads images in them, we do not
     for split in SPLITS:
         items[split], per_class[split] = [], {}
         for ci, name in enumerate(classes):
             folder = root / split / name
             with os.scandir(folder) as it:
-                files = sorted((e for e in it if e.is_file() and not e.name.startswith(".")), key=lambda e: e.name)
+                entries = list(it)
+            nested += [f"{split}/{name}/{e.name}" for e in entries if e.is_dir() and not e.name.startswith(".")]
+            files = sorted((e for e in entries if e.is_file() and not e.name.startswith(".")), key=lambda e: e.name)
             for e in files:
                 check_name(folder, e.name)
             images = [e for e in files if Path(e.name).suffix.lower() in SOURCE_IMAGE_SUFFIXES]
@@ -82,6 +85,11 @@ def scan_folder(root: Path) -> tuple[list[str], dict[str, list[tuple[str, int]]]
             listing = "".join(f"{n}\t{st.st_size}\t{st.st_mtime_ns}\n" for n, st in stats)
             per_class[split][name] = {"files": len(images), "bytes": sum(st.st_size for _, st in stats),
                                       "sha256": hashlib.sha256(listing.encode()).hexdigest()}
+    if nested:
+        log.warning("%s: %d sub-folder(s) of class folders are not read (%s%s): only the files directly in a class "
+                    "folder are its images (torchvision's ImageFolder would also read the sub-folders' images); "
+                    "move their images up into the class folder to use them", root, len(nested),
+                    ", ".join(nested[:3]), ", ..." if len(nested) > 3 else "")
     fingerprint = {"source": str(root.resolve()), "classes": classes, "splits": per_class,
                    "files": sum(c["files"] for sp in per_class.values() for c in sp.values()),
                    "bytes": sum(c["bytes"] for sp in per_class.values() for c in sp.values())}
