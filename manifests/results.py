@@ -105,13 +105,19 @@ def _as_float(value: Any) -> float | None:
     return None if math.isnan(out) else out
 
 
+def latest_evaluate(records: dict[str, list[Record]]) -> Record | None:
+    """The run's evaluate unit record that counts: the last one done (None: the run is not evaluated)."""
+    evals = [r for r in records.get(EVALUATE, []) if r.unit != STAGE_RECORD and r.status == "done"]
+    return max(evals, key=lambda r: r.ended) if evals else None
+
+
 def run_result(run_dir: Path, records: dict[str, list[Record]]) -> tuple[RunResult | None, list[str]]:
     """The table entry of a complete run from its evaluate record (config.json fills gaps)."""
     run_dir = Path(run_dir)
-    evals = [r for r in records.get(EVALUATE, []) if r.unit != STAGE_RECORD and r.status == "done"]
-    if not evals:
+    evaluated = latest_evaluate(records)
+    if evaluated is None:
         return None, [_incomplete_message(run_dir, records)]
-    summary = dict(max(evals, key=lambda r: r.ended).metrics)
+    summary = dict(evaluated.metrics)
     cfg = _read_config(run_dir)
 
     def pick(key: str, *path: str) -> Any:
@@ -146,7 +152,7 @@ def run_result(run_dir: Path, records: dict[str, list[Record]]) -> tuple[RunResu
         run_dir=run_dir, dataset=str(values["dataset"]), teacher=str(values["teacher"]),
         student=str(values["student"]), method=str(values["method"]), ipc=ipc,
         seed=seed, top1=top1, top5=_as_float(summary.get("top5")),
-        teacher_top1=_as_float(summary.get("teacher_top1")), run_id=str(cfg.get("run_id", evals[0].run_id)),
+        teacher_top1=_as_float(summary.get("teacher_top1")), run_id=str(cfg.get("run_id", evaluated.run_id)),
         grids=[run_dir / g for g in grid_names], summary=summary,
         protocol=str((summary.get("protocol") or {}).get("name", "kd")) if isinstance(summary.get("protocol"), dict)
         else "kd", cost=recover_cost(records.get(RECOVER, [])),
@@ -157,10 +163,9 @@ def summary_mismatch(run_dir: Path, records: dict[str, list[Record]]) -> str | N
     """A message when the evaluate record's metrics (what collect counts) differ from the `results/summary.json` the
     record names (whose size and sha256 the record also holds, so it is checked first by `verify_outputs`): a record
     edited by hand. None when they agree, or when the record names no summary file."""
-    evals = [r for r in records.get(EVALUATE, []) if r.unit != STAGE_RECORD and r.status == "done"]
-    if not evals:
+    rec = latest_evaluate(records)
+    if rec is None:
         return None
-    rec = max(evals, key=lambda r: r.ended)
     paths = [Path(run_dir) / o.uri for o in rec.outputs if o.uri.endswith("summary.json")]
     if not paths:
         return None
