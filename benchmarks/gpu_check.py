@@ -362,7 +362,7 @@ def part_variants(a: argparse.Namespace, rec: Recorder) -> None:
 
     import torch
 
-    from pipeline.commands.bench_rows import bench_teacher
+    from pipeline.commands.bench_rows import bench_teacher, sync_device
     from pipeline.methods.synthesis import DWAParams, RecoverParams, TeacherObjective, draw_augment, synthesize_batch
 
     dev = torch.device(a.device)
@@ -412,12 +412,10 @@ def part_variants(a: argparse.Namespace, rec: Recorder) -> None:
             kw.update(dwa_batch=real, dwa=DWAParams(steps=12))
 
         def call(tg: Any = tg, x0: Any = x0, kw: dict[str, Any] = kw, teacher: Any = teacher) -> float:
-            if cuda:
-                torch.cuda.synchronize(dev)
+            sync_device(dev)
             t0 = time.perf_counter()
             synthesize_batch(teacher, tg, x0, params, torch.Generator().manual_seed(2), **kw)
-            if cuda:
-                torch.cuda.synchronize(dev)
+            sync_device(dev)
             return time.perf_counter() - t0
 
         saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
