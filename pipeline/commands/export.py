@@ -6,6 +6,8 @@ DIR gets:
   (nothing re-encoded), in image-id order; `recover.method=import` with `recover.import_set.path=DIR/images`
   reads them back to the same shard bytes;
 - `soft_labels/*.parquet`: the relabel stage's files, when the run stored soft labels;
+- `labels/`: what the method learned with the set, when it did (pad): `<unit>.labels.npy`, one float32 label
+  vector (logits) per image in image-id order, and `set_values.json` (e.g. the learned step size `syn_lr`);
 - `config.json`: the run's resolved configuration;
 - `README.md`: a data-set card, YAML front matter (data set, method, IPC, classes, resolution, teacher,
   protocols, the cells' accuracies, the fairness metrics) and a short text;
@@ -74,13 +76,15 @@ def card(summary: dict[str, Any] | None, cfg: dict[str, Any], num_images: int) -
               f"{num_images} images in `images/<class>/`, made by `distill` (run {front['run_id']}).",
               "Soft labels, when stored, are in `soft_labels/` (fp16 top-k logits and log-partition per view)."
               if s.get("soft_label_bytes") else "No stored soft labels (hard labels, or online relabelling).",
+              "Labels the method learned with the set (logits, one row per image in image-id order) and values "
+              "such as its learned step size are in `labels/`." if s.get("learned_labels") else "",
               "" if cells else "No accuracies: the run has not been evaluated.",
               "Check the files with `sha256sum -c SHA256SUMS`; evaluate them elsewhere with "
               "`distill run --set recover.method=import --set recover.import_set.path=<this folder>/images`.", ""]
     return "\n".join(lines)
 
 
-EXPORT_ENTRIES = frozenset({"images", "soft_labels", "config.json", "README.md", "SHA256SUMS"})
+EXPORT_ENTRIES = frozenset({"images", "soft_labels", "labels", "config.json", "README.md", "SHA256SUMS"})
 
 
 def is_export(folder: Path) -> bool:
@@ -122,7 +126,7 @@ def export_run(run_dir: str | Path, out: str | Path, force: bool = False) -> Pat
     from manifests.verify import verify_outputs
     from pipeline.data.classmap import read_class_map
     from pipeline.data.shards import IndexedImages, read_index
-    from pipeline.data.synthetic import SYNTHETIC_DIR, synthetic_index_paths
+    from pipeline.data.synthetic import LABELS_SUFFIX, SYNTHETIC_DIR, set_values, synthetic_index_paths
 
     run_dir, out = Path(run_dir), Path(out)
     try:
@@ -159,6 +163,13 @@ def export_run(run_dir: str | Path, out: str | Path, force: bool = False) -> Pat
                 dst = tmp / "soft_labels" / Path(o.uri).name
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(run_dir / o.uri, dst)
+        for o in (o for r in recover for o in r.outputs if o.uri.endswith(LABELS_SUFFIX)):
+            (tmp / "labels").mkdir(exist_ok=True)
+            shutil.copyfile(run_dir / o.uri, tmp / "labels" / Path(o.uri).name)
+        learned = set_values(recover)
+        if learned:
+            (tmp / "labels").mkdir(exist_ok=True)
+            (tmp / "labels" / "set_values.json").write_text(json.dumps(learned, indent=1, sort_keys=True) + "\n")
         shutil.copyfile(run_dir / "config.json", tmp / "config.json")
         summary_path = run_dir / "results" / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None

@@ -36,8 +36,8 @@ def _mean_cell(cells: list[dict[str, Any]], protocol: str, student: str) -> str:
 
 
 def _protocol_line(name: str, p: dict[str, Any]) -> str:
-    if name == "hard":
-        return (f"  protocol hard: {p.get('epochs')} epochs, batch {p.get('batch_size')}, {p.get('optimizer')} lr "
+    if name in ("hard", "own"):
+        return (f"  protocol {name}: {p.get('epochs')} epochs, batch {p.get('batch_size')}, {p.get('optimizer')} lr "
                 f"{p.get('lr')} ({p.get('lr_schedule')}), {p.get('loss')}, augmentation {p.get('augmentation')}")
     return (f"  protocol kd: {p.get('epochs')} epochs, batch {p.get('batch_size')}, {p.get('optimizer')} lr "
             f"{p.get('lr')}, T {p.get('temperature')}, {p.get('augmentation')}, relabel {p.get('relabel_mode')}")

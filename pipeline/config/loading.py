@@ -34,14 +34,15 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "recover.compile": ("auto", "on", "off"),
     "relabel.mode": ("stored", "online"),
     "train.mix": ("cutmix", "mixup", "none"),
-    "train.protocol": ("kd", "hard"),
+    "train.protocol": ("kd", "hard", "own"),
+    "experts.schedule": ("none", "pad"),
     "train.views_on_device": ("auto", "on", "off"),
     "train.hard_augment": ("auto", "dsa", "none"),
     "executor.kind": ("auto", "local", "ray"),
     "eval.select": ("final", "best-holdout"),
 }
 _LIST_CHOICES: dict[str, tuple[str, ...]] = {
-    "eval.protocols": ("kd", "hard"),
+    "eval.protocols": ("kd", "hard", "own"),
     "eval.baselines": ("random-real", "full-real"),
 }
 _POSITIVE = (
@@ -50,12 +51,14 @@ _POSITIVE = (
     "executor.max_attempts", "executor.cpus_per_worker", "relabel.images_per_unit", "relabel.batch_size",
     "train.epochs", "train.batch_size", "eval.batch_size", "eval.seeds", "eval.gpus_per_student",
     "squeeze.lr", "squeeze.stats_window", "train.lr", "train.temperature", "train.mix_alpha", "train.hard_batch_size", "train.hard_lr",
+    "train.own_batch_size",
+    "experts.num", "experts.epochs", "experts.lr", "experts.batch_size", "experts.cache",
 )
 # Counts where 0 has a meaning ("auto", "all", "never") but a negative value has none.
 _NON_NEGATIVE = (
     "squeeze.weight_decay", "train.weight_decay", "train.hard_weight_decay", "train.hard_epochs",
     "recover.classes_per_shard", "recover.batches_per_forward", "relabel.top_k", "eval.every", "eval.full_real_epochs",
-    "data.num_workers", "squeeze.workers", "train.workers", "executor.num_workers", "executor.num_cpus",
+    "experts.momentum", "experts.weight_decay", "data.num_workers", "squeeze.workers", "train.workers", "executor.num_workers", "executor.num_cpus",
 )
 
 
@@ -244,6 +247,11 @@ def _validate_method(cfg: Config) -> None:
                 sec.validate()
             except ValueError as exc:
                 raise ConfigError(f"config section 'recover.{m.config_key}': {exc}") from None
+        if sec is not None and hasattr(sec, "validate_run"):  # checks against the rest of the run (e.g. experts)
+            try:
+                sec.validate_run(cfg)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         needs = sec.needs_squeeze_stats() if hasattr(sec, "needs_squeeze_stats") else m.needs.squeeze_stats
         what = f"recover.method={name}" if user == name else f"recover.init={cfg.recover.init}"
         if needs and cfg.squeeze.weights:
@@ -319,17 +327,20 @@ def validate(cfg: Config) -> Config:
         if workers and bs % workers:
             raise ConfigError(f"config key '{sec}.batch_size' ({bs}) must be a multiple of '{sec}.workers' ({workers}): "
                               "it is the global batch, split evenly over the DDP ranks")
+    from pipeline.augment.dsa import parse_strategy
     from pipeline.models import check_arch  # local import: models pulls in torch
 
-    if cfg.train.hard_dsa_strategy != "auto":
-        from pipeline.augment.dsa import parse_strategy
-
+    for dotted, strategy in (("train.hard_dsa_strategy", cfg.train.hard_dsa_strategy),
+                             ("experts.dsa_strategy", cfg.experts.dsa_strategy)):
+        if strategy == "auto" and dotted.startswith("train."):
+            continue
         try:
-            parse_strategy(cfg.train.hard_dsa_strategy)
+            parse_strategy(strategy)
         except ValueError as exc:
-            raise ConfigError(f"config key 'train.hard_dsa_strategy': {exc}") from None
+            raise ConfigError(f"config key '{dotted}': {exc}") from None
+    _check_experts(cfg)
     archs = [(d, getattr(getattr(cfg, d.split(".")[0]), d.split(".")[1]))
-             for d in ("squeeze.arch", "train.arch", "train.hard_arch")]
+             for d in ("squeeze.arch", "train.arch", "train.hard_arch", "experts.arch")]
     archs += [(f"eval.students[{i}]", v) for i, v in enumerate(cfg.eval.students)]
     for dotted, value in archs:
         try:
@@ -338,6 +349,23 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"config key '{dotted}': {exc}") from None
     _check_resolution(cfg, dict.fromkeys(value for _, value in archs))
     return cfg
+
+
+def _check_experts(cfg: Config) -> None:
+    """The pad schedule's shares and epochs make sense."""
+    e = cfg.experts
+    if not 0.0 < e.pad_init_ratio <= 1.0:
+        raise ConfigError(f"config key 'experts.pad_init_ratio' must be in (0, 1], got {e.pad_init_ratio}")
+    if e.pad_add_end_epoch < 0:
+        raise ConfigError(f"config key 'experts.pad_add_end_epoch' must be >= 0, got {e.pad_add_end_epoch}")
+    if len(e.pad_remove_epochs) != 2 or len(e.pad_remove_ratios) != 2:
+        raise ConfigError("config keys 'experts.pad_remove_epochs' and 'experts.pad_remove_ratios' take two values "
+                          f"each, got {e.pad_remove_epochs} and {e.pad_remove_ratios}")
+    if not 0 <= e.pad_remove_epochs[0] <= e.pad_remove_epochs[1]:
+        raise ConfigError(f"config key 'experts.pad_remove_epochs' must be two epochs in order, got "
+                          f"{e.pad_remove_epochs}")
+    if not all(0.0 <= r < 1.0 for r in e.pad_remove_ratios):
+        raise ConfigError(f"config key 'experts.pad_remove_ratios' must be shares in [0, 1), got {e.pad_remove_ratios}")
 
 
 def _check_resolution(cfg: Config, archs: dict[str, None]) -> None:

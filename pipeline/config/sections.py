@@ -177,9 +177,43 @@ class TrainConfig:
     hard_weight_decay: float = _f(5e-4, "hard protocol: weight decay")
     hard_augment: str = _f("auto", "hard protocol: auto (DSA augmentation for sets made by dsa, dm and "
                            "datadam, none otherwise, as their papers) | dsa | none")
+    hard_lr_from_set: bool = _since(True, "hard and own protocols: train with the step size the set learned when "
+                                    "it has one (mtt, pad: `syn_lr`, as their official evaluation), else hard_lr")
+    own_batch_size: int = _since(128, "own protocol (the set's learned labels, DATM / PAD): batch size (official "
+                                 "128); its other settings are the hard_* keys")
     hard_dsa_strategy: str = _f("auto", "hard protocol: DSA strategy of every set that is augmented; auto = the "
                                 "recover method's strategy, else color_crop_cutout_flip_scale_rotate (the demo "
                                 "recipe: the digits strategy, no flip)")
+
+
+@dataclass
+class ExpertsConfig:
+    """Expert trajectories of trajectory matching (`recover.method = mtt | pad`): networks trained from scratch on
+    the real training split (the holdout slice left out), their parameters kept at every epoch. Trained only
+    when the recover method needs them; shared by every run on the same data with the same settings."""
+
+    num: int = _f(100, "experts (MTT, DATM, PAD: 100); each is one unit, resumable per epoch")
+    epochs: int = _f(50, "epochs per expert, each one a snapshot (MTT 50; DATM and PAD 100)")
+    arch: str = _f("convnet-in", "the experts' (and the distilling student's) network: ConvNet-3 with instance norm")
+    lr: float = _f(0.01, "SGD learning rate (MTT's lr_teacher of buffer.py)")
+    momentum: float = _f(0.0, "SGD momentum (official 0)")
+    weight_decay: float = _f(0.0, "SGD weight decay (official 0)")
+    batch_size: int = _f(256, "images per SGD step (official 256)")
+    dsa_strategy: str = _f("color_crop_cutout_flip_scale_rotate", "DSA augmentation of every batch (official: "
+                           "on, the full strategy); 'none' = no augmentation")
+    schedule: str = _f("none", "none: all of the data every epoch (MTT, DATM) | pad: PAD's easy-first data "
+                       "scheduler, ordered by the teacher's per-sample loss (squeeze.sample_stats)")
+    pad_init_ratio: float = _f(0.75, "pad schedule: share of each class (easiest first) trained at epoch 0")
+    pad_add_end_epoch: int = _f(20, "pad schedule: epoch by which all of the data is in")
+    pad_remove_epochs: list[int] = field(default_factory=lambda: [40, 60], metadata={
+        "doc": "pad schedule: epochs from which the easiest pad_remove_ratios[0], then [1] share is left out"})
+    pad_remove_ratios: list[float] = field(default_factory=lambda: [0.1, 0.2], metadata={
+        "doc": "pad schedule: shares of each class (easiest first) left out from pad_remove_epochs[0] / [1]"})
+    seed: int = _f(0, "seed of the experts' inits, orders and augmentations (not the run seed, so runs with "
+                   "other seeds share the experts)")
+    dir: str = _op("", "where the experts live; '' = RUN_DIR/experts. A shared folder lets runs on the same "
+                   "data share them (a sub-folder per key of everything they depend on)")
+    cache: int = _op(4, "experts kept in host memory by a recover worker (least recently used dropped)")
 
 
 @dataclass
@@ -190,7 +224,8 @@ class EvalConfig:
                     "end); never on val")
     batch_size: int = _op(256, "eval batch size")
     protocols: list[str] = field(default_factory=list, metadata={
-        "doc": "student protocols of the evaluation matrix: kd and/or hard; [] = [train.protocol]"})
+        "doc": "student protocols of the evaluation matrix: kd, hard and/or own (the set's own learned labels, "
+               "as DATM/PAD evaluate; one-hot for a set without them); [] = [train.protocol]"})
     students: list[str] = field(default_factory=list, metadata={
         "doc": "student architectures of the matrix (any model name); [] = each protocol's own (train.arch "
                "under kd, train.hard_arch under hard)"})
@@ -246,6 +281,7 @@ class Config:
     seed: int = _f(0, "run seed: every unit is seeded from (seed, stage, unit key)")
     data: DataConfig = field(default_factory=DataConfig)
     squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     recover: RecoverConfig = field(default_factory=RecoverConfig)  # type: ignore[valid-type]
     relabel: RelabelConfig = field(default_factory=RelabelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

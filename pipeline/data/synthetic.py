@@ -60,21 +60,32 @@ def write_set_labels(folder: Path, unit: str, labels: Sequence[Any]) -> Path:
     return path
 
 
-def read_set_labels(run_dir: str | Path, recover_records: Iterable[Record]) -> torch.Tensor | None:
-    """The label vectors of the whole synthetic set, float32 [N, C] in image-id order (`synthetic_index`), or None
-    when its method stored none. A set where only some units have them is an error naming the units."""
+def set_label_paths(run_dir: str | Path, recover_records: Iterable[Record]) -> list[Path]:
+    """The label-vector files of the synthetic set in image-id order (`synthetic_index`), [] when its method stored
+    none. A set where only some units have them is an error naming the units."""
     records = sorted(recover_records, key=lambda r: r.unit)
     paths = {rec.unit: [Path(run_dir) / o.uri for o in rec.outputs if o.uri.endswith(LABELS_SUFFIX)]
              for rec in records}
     with_labels = [u for u, ps in paths.items() if ps]
     if not with_labels:
-        return None
+        return []
     if len(with_labels) != len(records):
         missing = [u for u, ps in paths.items() if not ps]
         raise ValueError(f"recover units {', '.join(missing[:5])} have no label vectors while others do: rerun "
                          "the recover stage (distill run --fresh --stages recover)")
-    parts = [torch.from_numpy(np.load(p, allow_pickle=False)) for u in with_labels for p in paths[u]]
-    return torch.cat(parts)
+    return [p for u in with_labels for p in paths[u]]
+
+
+def load_set_labels(paths: Sequence[str | Path]) -> torch.Tensor:
+    """The label vectors of `set_label_paths`, float32 [N, C]."""
+    return torch.cat([torch.from_numpy(np.load(p, allow_pickle=False)) for p in paths])
+
+
+def read_set_labels(run_dir: str | Path, recover_records: Iterable[Record]) -> torch.Tensor | None:
+    """The label vectors of the whole synthetic set, float32 [N, C] in image-id order (`synthetic_index`), or None
+    when its method stored none."""
+    paths = set_label_paths(run_dir, recover_records)
+    return load_set_labels(paths) if paths else None
 
 
 def set_values(recover_records: Iterable[Record]) -> dict[str, Any]:

@@ -18,6 +18,8 @@ from pipeline.methods import (  # noqa: F401 - importing a method module registe
     import_set,
     kcenter,
     loss_score,
+    mtt,
+    pad,
     random_real,
     sre2l,
 )

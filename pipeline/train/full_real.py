@@ -65,6 +65,12 @@ def cached_result(folder: Path) -> dict[str, Any] | None:
 
 def load_train_images(holdout: HoldoutSpec, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every real training image not in the holdout slice, as uint8 [N, 3, R, R] and labels [N], in index order."""
+    x, labels, _ = load_train_split(holdout, resolution)
+    return x, labels
+
+
+def load_train_split(holdout: HoldoutSpec, resolution: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """`load_train_images` and the index row of each image (the rows per-sample statistics are keyed by)."""
     from pipeline.core.imageops import center_crop
     from pipeline.data.synthetic import decode_rgb
 
@@ -72,7 +78,8 @@ def load_train_images(holdout: HoldoutSpec, resolution: int) -> tuple[torch.Tens
     held = set(holdout_rows(images.rows_of_class(), holdout.fraction, holdout.seed))
     rows = [r for r in range(len(images.cls)) if r not in held]
     x = np.stack([center_crop(decode_rgb(images.raw(r)), resolution) for r in rows])
-    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.tensor([int(images.cls[r]) for r in rows])
+    labels = torch.tensor([int(images.cls[r]) for r in rows])
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), labels, rows
 
 
 def train_full_real(job: FullRealJob) -> dict[str, Any]:

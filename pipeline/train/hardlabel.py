@@ -60,7 +60,8 @@ def make_optimizer(model: torch.nn.Module, spec: HardSpec) -> tuple[torch.optim.
 
 def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, x_all: torch.Tensor, labels: torch.Tensor,
                 spec: HardSpec, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
-    """One epoch over the normalized images `x_all` [N, 3, R, R] (CPU) with hard `labels` [N]: the seeded order,
+    """One epoch over the normalized images `x_all` [N, 3, R, R] (CPU) with hard `labels` [N] (or target
+    distributions [N, C]: cross-entropy against them, the `own` protocol): the seeded order,
     DSA per image when `spec.dsa_strategy`, CE, one SGD step per batch. Returns (loss sum, images) float64.
     Pure compute (no files): the train stage and the benchmarks share it."""
     from pipeline.augment.dsa import augment
@@ -92,6 +93,14 @@ def train_hard(job: StudentJob) -> dict[str, Any]:
         raise ValueError("a hard-protocol student job needs its HardSpec")
     device = ddp.device_for_rank()
     raw, labels = load_images(Path(job.synthetic_dir), synthetic_index(job), None)
+    if job.protocol == "own" and job.set_labels:  # the set's learned logits: CE against their softmax (DATM / PAD)
+        from pipeline.data.synthetic import load_set_labels
+
+        learned = load_set_labels(job.set_labels)
+        if learned.shape != (len(labels), job.data.num_classes):
+            raise ValueError(f"the set's label vectors are {tuple(learned.shape)}, expected "
+                             f"({len(labels)}, {job.data.num_classes}): rerun the recover stage")
+        labels = torch.softmax(learned.float(), dim=1)
     x_all = normalize(raw.float().div_(255.0), job.data.mean, job.data.std)
     n, seed = len(x_all), cell_seed(job.data.seed, job.student_seed)  # init, order and DSA draws
     torch.manual_seed(derive_seed(seed, "train", "init"))
@@ -115,5 +124,6 @@ def train_hard(job: StudentJob) -> dict[str, Any]:
                      float(total[0] / max(1.0, float(total[1]))), time.time() - t0)
     save_atomic(model.state_dict(), Path(job.output))
     return {"epochs": spec.epochs, "num_images": n, "history": history, "resumed_from_epoch": resumed_from,
-            "world_size": 1, "train_seconds": round(time.time() - t0, 2), "protocol": "hard",
+            "world_size": 1, "train_seconds": round(time.time() - t0, 2), "protocol": job.protocol,
+            "targets": "learned" if labels.is_floating_point() else "hard",
             "peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None}

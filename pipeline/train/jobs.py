@@ -58,12 +58,13 @@ class StudentJob:
     checkpoint: str  # path of the end-of-epoch checkpoint it resumes from
     output: str  # path of the final state_dict (`checkpoints/student.pt`)
     config_hash: str  # the train stage's config hash: a checkpoint with another one is not resumed
-    protocol: str = "kd"  # kd (this module) | hard (`pipeline.train.hardlabel.train_hard`, with `hard`)
+    protocol: str = "kd"  # kd (this module) | hard | own (`pipeline.train.hardlabel.train_hard`, with `hard`)
     hard: HardSpec | None = None  # the hard-label protocol's settings (protocol "hard")
     student_seed: int = 0  # the matrix cell's student seed (`cell_seed`); the views stay the run seed's
     holdout: HoldoutSpec | None = None  # the holdout slice scored every `eval_every` epochs (never val)
     best_output: str = ""  # where the weights of the epoch best on the holdout go ('' = not kept)
     views_on_device: str = "off"  # auto | on | off (`train.views_on_device`): batched views on the device
+    set_labels: tuple[str, ...] = ()  # protocol "own": the set's learned label files (logits), in image-id order
 
 
 def cell_seed(run_seed: int, student_seed: int) -> int:

@@ -96,7 +96,7 @@ def train_student(job: StudentJob) -> dict[str, Any]:
     """DDP student training; resume from the last epoch's checkpoint."""
     from pipeline.data.synthetic import load_images
 
-    if job.protocol == "hard":
+    if job.protocol in ("hard", "own"):
         from pipeline.train.hardlabel import train_hard
 
         return train_hard(job)

@@ -19,7 +19,6 @@ which have their own manifests.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -32,7 +31,7 @@ from manifests.store import STAGE_RECORD, RunDirBusy
 from pipeline.core.errors import ConfigError
 from pipeline.run.base import RunContext, Stage, Unit, UnitResult
 from pipeline.run.graph import pipeline_graph, register_stage
-from pipeline.run.stages.common import SAMPLE_STATS, TEACHER, Cell, data_spec, matrix
+from pipeline.run.stages.common import SAMPLE_STATS, TEACHER, Cell, data_spec, digest_of, matrix, outputs_digest
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +45,6 @@ def baseline_root(ctx: RunContext) -> Path:
     return Path(ctx.config.eval.baseline_dir).expanduser() if ctx.config.eval.baseline_dir else ctx.path("baselines")
 
 
-def _digest(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _outputs_digest(ctx: RunContext, stage: str) -> str:
-    """A digest of the sha256 of every file the stage's current records name (the shards, the teacher)."""
-    shas = sorted(o.sha256 for r in ctx.store.records(stage) if r.config_hash == ctx.hashes[stage] for o in r.outputs)
-    return _digest(shas)
-
-
 def random_real_config(ctx: RunContext) -> Any:
     """This run's config with recover.method = random-real and no baselines of its own."""
     cfg = ctx.config
@@ -65,8 +54,8 @@ def random_real_config(ctx: RunContext) -> Any:
 
 def random_real_dir(ctx: RunContext) -> Path:
     hashes = pipeline_graph().hashes(random_real_config(ctx))
-    key = _digest({"hashes": {s: hashes[s] for s in CHILD_STAGES},
-                   "inputs": {s: _outputs_digest(ctx, s) for s in SHARED_STAGES}})
+    key = digest_of({"hashes": {s: hashes[s] for s in CHILD_STAGES},
+                   "inputs": {s: outputs_digest(ctx, s) for s in SHARED_STAGES}})
     return baseline_root(ctx) / f"{RANDOM_REAL}-{key}"
 
 
@@ -104,7 +93,7 @@ def full_real_job(ctx: RunContext, cell: Cell) -> Any:
     from pipeline.train.full_real import FullRealJob
     from pipeline.train.jobs import cell_seed
 
-    spec = hard_spec(ctx, cell.student)
+    spec = hard_spec(ctx, cell.student, from_set=False)
     if ctx.config.eval.full_real_epochs:
         spec = dataclasses.replace(spec, epochs=ctx.config.eval.full_real_epochs)
     holdout = holdout_spec(ctx) or HoldoutSpec(str(ctx.path("real")), (), 0.0, 0)
@@ -116,7 +105,7 @@ def full_real_job(ctx: RunContext, cell: Cell) -> Any:
     job = FullRealJob(data=data_spec(ctx), holdout=holdout, hard=spec, seed=cell_seed(ctx.config.seed, cell.seed),
                       folder="")
     portable = {**job.key_payload(), "holdout": [holdout.fraction, holdout.seed]}
-    key = _digest({"job": portable, "shards": _outputs_digest(ctx, "ingest")})
+    key = digest_of({"job": portable, "shards": outputs_digest(ctx, "ingest")})
     return dataclasses.replace(job, folder=str(baseline_root(ctx) / FULL_REAL / f"{cell.student}-s{cell.seed}-{key}"))
 
 

@@ -122,3 +122,17 @@ def recover_index_paths(ctx: RunContext) -> list[str]:
 def check_file(path: Path, what: str) -> None:
     if not Path(path).is_file():
         raise ConfigError(f"{what} not found: {path}")
+
+
+def digest_of(payload: Any) -> str:
+    """16 hex digits of the sha256 of `payload` as sorted JSON: the key of a shared cache folder."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def outputs_digest(ctx: RunContext, stage: str) -> str:
+    """A digest of the sha256 of every file the stage's current records name (the shards, the teacher)."""
+    shas = sorted(o.sha256 for r in ctx.store.records(stage) if r.config_hash == ctx.hashes[stage] for o in r.outputs)
+    return digest_of(shas)

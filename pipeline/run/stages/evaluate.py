@@ -21,14 +21,21 @@ def protocol(ctx: RunContext, cell: Cell | None = None) -> dict[str, Any]:
 
     cell = cell or matrix(ctx.config)[0]
     c, t = ctx.config, ctx.config.train
-    if cell.protocol == "hard":
-        from pipeline.run.stages.train import hard_spec
+    if cell.protocol in ("hard", "own"):
+        from pipeline.run.stages.train import hard_spec, learned_values, set_label_files
 
-        h = hard_spec(ctx, cell.student)
-        return {"name": "hard", "teacher": c.squeeze.arch, "student": h.arch, "resolution": c.data.resolution,
+        h = hard_spec(ctx, cell.student, cell.protocol)
+        own = cell.protocol == "own"
+        loss = "cross-entropy on hard labels"
+        if own:
+            loss = ("cross-entropy against the softmax of the set's learned labels" if set_label_files(ctx) else
+                    "cross-entropy on hard labels (the set has no learned labels)")
+        return {"name": cell.protocol, "teacher": c.squeeze.arch, "student": h.arch, "resolution": c.data.resolution,
                 "mean": list(c.data.mean), "std": list(c.data.std), "epochs": h.epochs, "batch_size": h.batch_size,
                 "optimizer": f"sgd (momentum {h.momentum})", "lr": h.lr, "lr_schedule": "x0.1 at half the epochs",
-                "weight_decay": h.weight_decay, "loss": "cross-entropy on hard labels",
+                "weight_decay": h.weight_decay, "loss": loss,
+                "lr_source": "learned by the set (syn_lr)" if "syn_lr" in learned_values(ctx) and
+                             c.train.hard_lr_from_set else "train.hard_lr",
                 "augmentation": f"DSA {h.dsa_strategy} (per image)" if h.dsa_strategy else "none",
                 "relabel_mode": None, "top_k": None,
                 "recover_iterations": getattr(method_config(ctx), "iterations", None)}
@@ -130,6 +137,8 @@ class EvaluateWorker:
         costs[EvaluateStage.name] = stage_cost([{"wall_s": wall[EvaluateStage.name], "device": device.type,
                                                  "device_s": wall[EvaluateStage.name]}])
         relabel = store.load("relabel", STAGE_RECORD)
+        from pipeline.run.stages.train import learned_values, set_label_files
+
         summary = {
             "run_id": ctx.run_id, "dataset": c.data.dataset, "method": c.recover.method, "ipc": c.recover.ipc,
             "num_classes": real_meta(ctx)["num_classes"], "num_images": train.metrics.get("num_images") if train else None,
@@ -138,10 +147,11 @@ class EvaluateWorker:
             "top1": primary["top1"], "top5": primary["top5"], "val_images": primary["val_images"],
             "holdout_top1": primary["holdout_top1"], "select": c.eval.select,
             "epochs": primary["epochs"] if primary["epochs"] is not None else c.train.epochs,
-            "relabel_mode": None if primary["protocol"] == "hard" else c.relabel.mode, "seed": c.seed, "wall_s": wall,
+            "relabel_mode": None if primary["protocol"] in ("hard", "own") else c.relabel.mode, "seed": c.seed, "wall_s": wall,
             "soft_label_bytes": relabel.metrics.get("soft_label_bytes") if relabel else None,
             "full_logit_bytes": relabel.metrics.get("full_logit_bytes") if relabel else None,
             "protocol": protocol(ctx),
+            "learned": learned_values(ctx), "learned_labels": bool(set_label_files(ctx)),
             "protocols": {p: protocol(ctx, next(x for x in matrix(c) if x.protocol == p))
                           for p in dict.fromkeys(x.protocol for x in matrix(c))},
             "cells": cells, "baselines": baselines, "fairness": fairness_rows(cells, baselines),

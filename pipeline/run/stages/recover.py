@@ -33,7 +33,7 @@ GRID_DIR = "results/grids"
 # The upstream outputs a method may ask for by name (`pipeline.methods.Needs`) and the stage that makes each: the
 # recover stage depends on that stage (order, hash, refusal), checks its files, and hands the method a reader
 # (`RecoverEnv.artifact`, opened by `open_env`).
-ARTIFACT_STAGES = {"teacher": "squeeze", "sample-stats": "squeeze"}
+ARTIFACT_STAGES = {"teacher": "squeeze", "sample-stats": "squeeze", "trajectories": "experts"}
 UNIT_STATE_DIR = "checkpoints/recover-units"  # checkpoints inside long units (`pipeline.run.unit_state`)
 UNIT_THREADS = 1
 """Torch CPU threads of every recover unit, whatever the worker has. CPU kernels split reductions by thread
@@ -94,7 +94,7 @@ def artifact_stages(cfg: Any) -> tuple[str, ...]:
 
 class RecoverStage(Stage):
     name = "recover"
-    depends_on = ("ingest", "squeeze")
+    depends_on = ("ingest", "squeeze", "experts")
     sections = ("seed", "recover", "eval.holdout_fraction")  # the holdout slice never enters the pool
     distributed = True
     needs_gpu = True
@@ -213,6 +213,10 @@ def open_env(ctx: RunContext, device: torch.device) -> Any:
         env.stats_loader = lambda: load_sample_stats(ctx, env.real)
         if "sample-stats" in used:
             env.artifact_loaders["sample-stats"] = env.stats_loader
+    if "trajectories" in used:
+        from pipeline.run.stages.experts import trajectory_reader
+
+        env.artifact_loaders["trajectories"] = lambda: trajectory_reader(ctx)
     env.loss_score = r.loss_score
     env.extra["class_names"] = list(real_meta(ctx)["classes"])
     return env

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.data.synthetic import SYNTHETIC_DIR
 from pipeline.run.base import RunContext, Stage, Unit, UnitResult
@@ -27,10 +27,11 @@ if TYPE_CHECKING:
     from pipeline.train.jobs import HardSpec, StudentJob
 
 
-def hard_spec(ctx: RunContext, arch: str = "") -> HardSpec:
-    """The hard-label protocol with every `auto` resolved: augmentation from the recover method's paper
-    (DSA for dsa / dm / datadam sets), the DSA strategy from the method's config (e.g. the digits strategy
-    without flip), the epochs from whether it augments (1000 with DSA, 300 without: DSA/DM vs DC)."""
+def hard_spec(ctx: RunContext, arch: str = "", protocol: str = "hard", from_set: bool = True) -> HardSpec:
+    """The hard-label protocol (or `own`, the same loop on the set's learned labels) with every `auto` resolved:
+    augmentation from the recover method's paper (DSA for dsa / dm / datadam / mtt / pad sets), the DSA strategy
+    from the method's config (e.g. the digits strategy without flip), the epochs from whether it augments (1000
+    with DSA, 300 without: DSA/DM vs DC), the lr the set learned when it has one (`train.hard_lr_from_set`)."""
     from pipeline.augment.dsa import STRATEGY
     from pipeline.methods import get_method
     from pipeline.run.stages.recover import method_config
@@ -45,8 +46,28 @@ def hard_spec(ctx: RunContext, arch: str = "") -> HardSpec:
         if strategy == "auto":
             strategy = getattr(method_config(ctx), "strategy", "") or STRATEGY
     epochs = t.hard_epochs or (DSA_EPOCHS if strategy else PLAIN_EPOCHS)
-    return HardSpec(arch=arch or t.hard_arch, epochs=epochs, batch_size=t.hard_batch_size, lr=t.hard_lr, momentum=0.9,
-                    weight_decay=t.hard_weight_decay, dsa_strategy=strategy)
+    lr = t.hard_lr
+    if t.hard_lr_from_set and from_set:  # not for the full-real reference: it trains on real images
+        lr = float(learned_values(ctx).get("syn_lr") or lr)
+    return HardSpec(arch=arch or t.hard_arch, epochs=epochs, batch_size=t.own_batch_size if protocol == "own" else
+                    t.hard_batch_size, lr=lr, momentum=0.9, weight_decay=t.hard_weight_decay, dsa_strategy=strategy)
+
+
+def learned_values(ctx: RunContext) -> dict[str, Any]:
+    """What the recover method learned for the whole set (e.g. mtt's `syn_lr`), from its current records."""
+    from pipeline.data.synthetic import set_values
+
+    h = ctx.hashes.get("recover")
+    return set_values(r for r in ctx.store.records("recover") if r.config_hash == h and r.status == "done")
+
+
+def set_label_files(ctx: RunContext) -> tuple[str, ...]:
+    """The set's learned label files (protocol own), () when its method stored none."""
+    from pipeline.data.synthetic import set_label_paths
+
+    h = ctx.hashes.get("recover")
+    recs = [r for r in ctx.store.records("recover") if r.config_hash == h and r.status == "done"]
+    return tuple(str(p) for p in set_label_paths(ctx.run_dir, recs))
 
 
 def holdout_spec(ctx: RunContext) -> HoldoutSpec | None:
@@ -78,7 +99,7 @@ def student_job(ctx: RunContext, cell: Cell | None = None) -> StudentJob:
 
     cell = cell or matrix(ctx.config)[0]
     t, cfg = ctx.config.train, ctx.config
-    hard = cell.protocol == "hard"
+    hard = cell.protocol in ("hard", "own")
     soft = [] if hard else sorted(str(ctx.path(o.uri)) for r in ctx.store.records("relabel") for o in r.outputs)
     return StudentJob(
         data=data_spec(ctx), views=view_spec(ctx), arch=cell.student, epochs=t.epochs, batch_size=t.batch_size,
@@ -91,7 +112,8 @@ def student_job(ctx: RunContext, cell: Cell | None = None) -> StudentJob:
         view_workers=cfg.data.num_workers if num_synthetic(ctx) >= 5000 else 0,
         eval_every=cfg.eval.every, checkpoint=str(ctx.path(resume_path(cell))),
         output=str(ctx.path(student_path(cell))), config_hash=ctx.hashes["train"],
-        protocol=cell.protocol, hard=hard_spec(ctx, cell.student) if hard else None, student_seed=cell.seed,
+        protocol=cell.protocol, hard=hard_spec(ctx, cell.student, cell.protocol) if hard else None,
+        student_seed=cell.seed, set_labels=set_label_files(ctx) if cell.protocol == "own" else (),
         holdout=holdout_spec(ctx),
         best_output=str(ctx.path(best_path(cell))) if cfg.eval.select == "best-holdout" else "",
         views_on_device=t.views_on_device,
@@ -138,7 +160,7 @@ class TrainWorker:
 
         cell = Cell(**unit.payload)
         job = student_job(self.ctx, cell)
-        if job.protocol == "hard" or STAGE.is_distributed(self.ctx):  # one process (see pipeline.train.hardlabel)
+        if job.protocol in ("hard", "own") or STAGE.is_distributed(self.ctx):  # one process (see pipeline.train.hardlabel)
             metrics = train_student(job)
         else:
             metrics = launch(self.ctx, train_student, job, self.ctx.config.train.workers)
