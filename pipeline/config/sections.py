@@ -314,7 +314,10 @@ class Config:
                 # its selection is the init (recover.init = real-<method>, e.g. the loss-score settings)
                 if f.metadata["method"] not in (sec.method, sec.init.removeprefix("real-")):
                     continue
-                value = dataclasses.asdict(value)
+                # its fields added later (`doc_field(hash_if_set=True)`) count only when set off their default
+                unset = {mf.name for mf in dataclasses.fields(value)
+                         if mf.metadata.get("hash_if_set") and getattr(value, mf.name) == mf.default}
+                value = {k: v for k, v in dataclasses.asdict(value).items() if k not in unset}
             out[f.name] = value
         return out
 

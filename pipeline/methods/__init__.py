@@ -21,6 +21,7 @@ from pipeline.methods import (  # noqa: F401 - importing a method module registe
     mtt,
     pad,
     random_real,
+    rded,
     sre2l,
 )
 from pipeline.methods.base import (

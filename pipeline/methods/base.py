@@ -19,9 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 
-def doc_field(default: Any, doc: str) -> Any:
-    """A method config field with its documentation (shown by `distill methods` and `distill run --help`)."""
-    return field(default=default, metadata={"doc": doc})
+def doc_field(default: Any, doc: str, *, hash_if_set: bool = False) -> Any:
+    """A method config field with its documentation (shown by `distill methods` and `distill run --help`).
+
+    hash_if_set: a field added after run directories existed, left out of the recover hash while it equals its
+    default (whose behaviour must be what the code computed before the field existed), so those runs resume."""
+    return field(default=default, metadata={"doc": doc, **({"hash_if_set": True} if hash_if_set else {})})
 
 
 @dataclass(frozen=True)

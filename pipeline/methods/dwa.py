@@ -21,7 +21,9 @@ from pipeline.methods.sre2l import Sre2lConfig, SynthesisWorker
 @dataclass
 class DwaConfig(Sre2lConfig):
     """DWA's settings (`recover.dwa.*`): SRe2L's plus the perturbation. Defaults: the official ImageNet values
-    except `iterations` (official 2000), `jitter` (32 at 224 px) and K (15 on ImageNet, 12 on CIFAR/Tiny)."""
+    except `iterations` (official 2000), `jitter` (32 at 224 px) and K (15 on ImageNet, 12 on CIFAR/Tiny).
+    SRe2L's keys include CDA's crop schedule (`crop_schedule=cda`): DWA's official code has none, so DWA + CDA is
+    a combination made here, not a published method."""
 
     r_var: float = doc_field(2.0, "weight of the variance term inside the BN loss (official: ImageNet 2, "
                                   "CIFAR/Tiny 11)")

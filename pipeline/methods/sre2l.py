@@ -1,7 +1,9 @@
 """SRe2L recover (Yin, Xing, Shen, NeurIPS 2023; https://github.com/VILA-Lab/SRe2L).
 
 Per batch of one image of each class of the unit: Adam on the normalized pixels against the frozen teacher,
-loss CE + r_bn * BN-statistics term, one random crop / flip / roll per iteration, last iterate saved. The
+loss CE + r_bn * BN-statistics term, one random crop / flip / roll per iteration, last iterate saved. With
+`crop_schedule=cda` the crop's smallest area follows CDA's curriculum (Yin & Shen, TMLR 2024) instead of staying at
+`crop_scale_min`. The
 compute is `pipeline.methods.synthesis.synthesize_batch`; this file only maps the config onto it. DWA
 (`pipeline.methods.dwa`) is the same worker with a weight perturbation before each batch.
 """
@@ -31,7 +33,20 @@ class Sre2lConfig:
                                "4 below)")
     crop: bool = doc_field(True, "random-resized crop each iteration (official CIFAR recover: none, roll only)")
     flip: bool = doc_field(True, "random horizontal flip each iteration (official CIFAR recover: none)")
-    crop_scale_min: float = doc_field(0.08, "smallest area fraction of the random-resized crop")
+    crop_scale_min: float = doc_field(0.08, "smallest area fraction of the random-resized crop (with "
+                                            "crop_schedule=cda: where the schedule ends)")
+    # CDA (Yin & Shen, TMLR 2024; CDA/recover_cda_in1k.py of github.com/VILA-Lab/SRe2L at 8d00cba): hashed only when
+    # set, so runs made before these keys existed resume.
+    crop_schedule: str = doc_field("none", "none | cda: CDA's curriculum, the crop's smallest area falls from "
+                                           "cda_scale_start to crop_scale_min over cda_milestone x iterations",
+                                   hash_if_set=True)
+    cda_milestone: float = doc_field(1.0, "CDA: share of the iterations the schedule takes, in (0, 1] (official "
+                                          "--milestone: README 1; its default 0 is crop_schedule=none)",
+                                     hash_if_set=True)
+    cda_mode: str = doc_field("cosine", "CDA: cosine | linear | step (step: cda_scale_start until the "
+                                        "milestone) (official --easy2hard-mode, cosine)", hash_if_set=True)
+    cda_scale_start: float = doc_field(1.0, "CDA: smallest crop area at iteration 0 (official 1.0: the whole "
+                                            "image)", hash_if_set=True)
 
     def validate(self) -> None:
         if self.iterations < 1:
@@ -45,6 +60,28 @@ class Sre2lConfig:
             raise ValueError(f"jitter must be >= 0, got {self.jitter}")
         if not 0.0 < self.crop_scale_min <= 1.0:
             raise ValueError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        if self.crop_schedule not in ("none", "cda"):
+            raise ValueError(f"crop_schedule must be none or cda, got {self.crop_schedule!r}")
+        if self.crop_schedule == "cda":
+            if not self.crop:
+                raise ValueError("crop_schedule=cda schedules the random-resized crop, which crop=false turns off")
+            if not 0.0 < self.cda_milestone <= 1.0:
+                raise ValueError(f"cda_milestone must be in (0, 1], got {self.cda_milestone}")
+            if self.cda_mode not in ("cosine", "linear", "step"):
+                raise ValueError(f"cda_mode must be cosine, linear or step, got {self.cda_mode!r}")
+            if not self.crop_scale_min <= self.cda_scale_start <= 1.0:
+                raise ValueError(f"cda_scale_start must be in [crop_scale_min, 1] = [{self.crop_scale_min}, 1], "
+                                 f"got {self.cda_scale_start}")
+
+    def recover_params(self) -> Any:
+        """The `RecoverParams` of these settings (the synthesis loop's hyperparameters)."""
+        from pipeline.methods.synthesis import RecoverParams
+
+        return RecoverParams(iterations=self.iterations, lr=self.lr, r_bn=self.r_bn, r_var=self.r_var,
+                             first_bn_multiplier=self.first_bn_multiplier, crop_scale=(self.crop_scale_min, 1.0),
+                             jitter=self.jitter, crop=self.crop, flip=self.flip, crop_schedule=self.crop_schedule,
+                             cda_milestone=self.cda_milestone, cda_scale_start=self.cda_scale_start,
+                             cda_mode=self.cda_mode)
 
 
 AUTO_COMPILE_MIN = 1000
@@ -146,12 +183,10 @@ class SynthesisWorker:
     def run(self, classes: range, ipc: range, gen: Any, unit_key: str) -> MethodOutput:
         import torch
 
-        from pipeline.methods.synthesis import DWAParams, RecoverParams
+        from pipeline.methods.synthesis import DWAParams
 
         env, c = self.env, self.cfg
-        params = RecoverParams(iterations=c.iterations, lr=c.lr, r_bn=c.r_bn, r_var=c.r_var,
-                               first_bn_multiplier=c.first_bn_multiplier, crop_scale=(c.crop_scale_min, 1.0),
-                               jitter=c.jitter, crop=c.crop, flip=c.flip)
+        params = c.recover_params()
         targets = torch.tensor(list(classes), dtype=torch.long, device=env.device)
         out = MethodOutput()
         finals: list[dict[str, float]] = []
@@ -193,8 +228,8 @@ class SynthesisWorker:
             inits, draws = [], []
             for j in chunk:
                 inits.append(self._init_batch(classes, j, gen))
-                draws.append([draw_augment(gen, env.resolution, env.resolution, params.crop_scale, params.jitter,
-                                           params.flip, params.crop) for _ in range(c.iterations)])
+                draws.append([draw_augment(gen, env.resolution, env.resolution, params.crop_scale_at(it),
+                                           params.jitter, params.flip, params.crop) for it in range(c.iterations)])
             images, hist, was_compiled = self._synthesize_merged(compiled, gen, targets, inits, draws, params)
             compiled_batches += len(chunk) * int(was_compiled)
             n = len(targets)

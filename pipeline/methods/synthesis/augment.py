@@ -1,8 +1,10 @@
 """SRe2L / DWA's augmentation of a batch per iteration: one random-resized crop, flip and roll for the whole batch,
-drawn from the unit's generator (`draw_augment`) and applied differentiably (`apply_augment`)."""
+drawn from the unit's generator (`draw_augment`) and applied differentiably (`apply_augment`); CDA's schedule of the
+crop's smallest area over the iterations (`cda_min_scale`)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +43,29 @@ class AugDraw:
     flip: bool
     dy: int
     dx: int
+
+
+CDA_MODES = ("step", "linear", "cosine")
+
+
+def cda_min_scale(it: int, iterations: int, milestone: float, start: float, end: float,
+                  mode: str = "cosine") -> float:
+    """CDA's lower bound of the random-resized crop's area at iteration `it` (0-based) of `iterations` (Yin &
+    Shen, TMLR 2024; CDA/recover_cda_*.py of github.com/VILA-Lab/SRe2L): before `milestone` x iterations it goes
+    from `start` (1.0: the whole image, easy) down to `end` (0.08: small crops, hard), by a cosine
+    end + (start - end) (1 + cos(pi it / (milestone T))) / 2, a straight line, or (`step`) stays at `start`; from
+    there on it is `end`."""
+    if mode not in CDA_MODES:
+        raise ValueError(f"CDA mode must be one of {', '.join(CDA_MODES)}, got {mode!r}")
+    span = milestone * iterations
+    if not it < span:
+        return end
+    if mode == "step":
+        return start
+    frac = it / span
+    if mode == "linear":
+        return end + (start - end) * (1.0 - frac)
+    return end + (start - end) * (1.0 + math.cos(math.pi * frac)) / 2.0
 
 
 def draw_augment(

@@ -163,7 +163,7 @@ def synthesize_batch(
                 for group in opt.param_groups:
                     group["lr"] = lr
                 if draws is None:
-                    xa = augment_batch(x, gen, out_size, params.crop_scale, params.jitter, params.flip,
+                    xa = augment_batch(x, gen, out_size, params.crop_scale_at(it), params.jitter, params.flip,
                                        params.crop)
                 elif groups == 1:
                     xa = apply_augment(x, draws[0][it], out_size)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.methods.synthesis.augment import CDA_MODES, cda_min_scale
+
 _NO_BN_MESSAGE = "the teacher has no BatchNorm2d layers; SRe2L/DWA recover needs BN statistics"
 
 
@@ -32,6 +34,20 @@ class RecoverParams:
     jitter: int = 32
     flip: bool = True
     crop: bool = True
+    # CDA (curriculum): "cda" moves the crop's smallest area from cda_scale_start down to crop_scale[0] over the
+    # first cda_milestone x iterations (`cda_min_scale`); "none" keeps crop_scale throughout.
+    crop_schedule: str = "none"
+    cda_milestone: float = 1.0
+    cda_scale_start: float = 1.0
+    cda_mode: str = "cosine"
+
+    def crop_scale_at(self, it: int) -> tuple[float, float]:
+        """The area range of iteration `it`'s random-resized crop: `crop_scale` itself without a schedule."""
+        if self.crop_schedule == "none":
+            return self.crop_scale
+        lo, hi = self.crop_scale
+        low = cda_min_scale(it, self.iterations, self.cda_milestone, self.cda_scale_start, lo, self.cda_mode)
+        return min(low, hi), hi
 
     def __post_init__(self) -> None:
         if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
@@ -50,6 +66,18 @@ class RecoverParams:
             raise ValueError(f"jitter must be an int >= 0 (pixels), got {self.jitter!r}")
         if not isinstance(self.flip, bool) or not isinstance(self.crop, bool):
             raise ValueError(f"flip and crop must be bools, got {self.flip!r}, {self.crop!r}")
+        if self.crop_schedule not in ("none", "cda"):
+            raise ValueError(f"crop_schedule must be 'none' or 'cda', got {self.crop_schedule!r}")
+        if self.crop_schedule == "cda":
+            if not self.crop:
+                raise ValueError("crop_schedule 'cda' schedules the random-resized crop, which crop=False turns off")
+            if not 0.0 < self.cda_milestone <= 1.0:
+                raise ValueError(f"cda_milestone must be in (0, 1], got {self.cda_milestone!r}")
+            if not lo <= self.cda_scale_start <= hi:
+                raise ValueError(f"cda_scale_start must be in [{lo}, {hi}] (the crop_scale range), got "
+                                 f"{self.cda_scale_start!r}")
+            if self.cda_mode not in CDA_MODES:
+                raise ValueError(f"cda_mode must be one of {', '.join(CDA_MODES)}, got {self.cda_mode!r}")
 
 
 @dataclass(frozen=True)
