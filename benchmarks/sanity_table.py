@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 METHODS = ("random-real", "herding", "k-center", "forgetting", "loss-score", "sre2l", "dwa", "dm", "dc", "dsa",
-           "datadam")
+           "datadam", "mtt", "pad")
 # DC paper (Zhao, Mopuri & Bilen, "Dataset Condensation with Gradient Matching", ICLR 2021), Table 1, MNIST,
 # ConvNet, IPC 1 / 10: mean +- std of test accuracy (%). Methods it does not report have no entry.
 PAPER = {"random-real": ("64.9 +- 3.5", "95.1 +- 0.9"), "herding": ("89.2 +- 1.6", "93.7 +- 0.3"),
@@ -69,18 +69,19 @@ def _set_tag(extra: list[str]) -> str:
 
 
 def one_run(work: Path, method: str, ipc: int, seed: int, epochs: int, augment: str = "auto",
-            extra: list[str] | None = None) -> dict:
+            extra: list[str] | None = None, protocol: str = "hard") -> dict:
     from pipeline.commands.recipes import load_config
     from pipeline.run.runner import run_pipeline
 
     extra = list(extra or [])
     src = teacher(work, seed)
     run_dir = work / (f"{method}-ipc{ipc}-s{seed}" + ("" if augment == "auto" else f"-aug-{augment}")
-                      + (f"-set-{_set_tag(extra)}" if extra else ""))
+                      + ("" if protocol == "hard" else f"-{protocol}") + (f"-set-{_set_tag(extra)}" if extra else ""))
     if not run_dir.exists():
         shutil.copytree(src, run_dir)
     overrides = [*COMMON, f"seed={seed}", f"recover.method={method}", f"recover.ipc={ipc}",
-                 f"recover.ipc_per_unit={min(ipc, 5)}", "train.protocol=hard", f"train.hard_epochs={epochs}",
+                 f"recover.ipc_per_unit={min(ipc, 5)}", f"train.protocol={protocol}", f"train.hard_epochs={epochs}",
+                 f"experts.dir={work / 'experts'}",  # trajectory matching: every run shares the experts of its key
                  f"train.hard_augment={augment}", *extra]
     t0 = time.time()
     run_pipeline(load_config("demo", overrides=overrides), run_dir, progress=False)
@@ -90,13 +91,14 @@ def one_run(work: Path, method: str, ipc: int, seed: int, epochs: int, augment: 
             "recover_s": round(sum(r["metrics"].get("seconds", 0.0) for r in recs), 1),
             "wall_s": round(time.time() - t0, 1), "augmentation": summary["protocol"]["augmentation"],
             "hard_augment": augment, **({"set": sorted(extra)} if extra else {}),
+            **({"protocol": protocol} if protocol != "hard" else {}),
             "device": next((r["metrics"].get("device") for r in recs), None)}
 
 
 def _aug(row: dict) -> str:
     """The row's variant: its hard augmentation (rows written before the option existed ran with auto), and its
     extra overrides (`--set`), if any."""
-    aug = row.get("hard_augment", "auto")
+    aug = row.get("hard_augment", "auto") + (f", {row['protocol']}" if row.get("protocol", "hard") != "hard" else "")
     return aug if not row.get("set") else f"{aug}, set {' '.join(row['set'])}"
 
 
@@ -138,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="another config override for every run (repeatable), e.g. a method's published schedule "
                         "on a GPU: --set recover.dm.iterations=20000 --set recover.dm.batch_real=256; such runs get "
                         "their own run directories and table rows")
+    p.add_argument("--protocol", default="hard", choices=("hard", "own"),
+                   help="student protocol: hard, or own (the set's learned labels, DATM / PAD; one-hot without)")
     p.add_argument("--out", default=None, help="also write the markdown table here")
     p.add_argument("--report", action="store_true", help="only print the table of the results so far")
     args = p.parse_args(argv)
@@ -148,13 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     results = work / "results.jsonl"
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     done = {(r["method"], r["ipc"], r["seed"], r["epochs"], _aug(r)) for r in rows}
-    variant = _aug({"hard_augment": args.hard_augment, "set": sorted(args.extra)})
+    variant = _aug({"hard_augment": args.hard_augment, "set": sorted(args.extra), "protocol": args.protocol})
     for seed in [] if args.report else seeds:
         for ipc in ipcs:
             for m in methods:
                 if (m, ipc, seed, args.student_epochs, variant) in done:
                     continue
-                row = one_run(work, m, ipc, seed, args.student_epochs, args.hard_augment, args.extra)
+                row = one_run(work, m, ipc, seed, args.student_epochs, args.hard_augment, args.extra, args.protocol)
                 print(json.dumps(row), flush=True)
                 with results.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")

@@ -198,7 +198,9 @@ def test_floats_in_exponent_notation_are_read_as_floats():
 
 
 @pytest.mark.parametrize("key, other, stages", [("recover.batches_per_forward", "2", {"recover"}),
-                                                ("train.views_on_device", "on", {"relabel", "train"})])
+                                                ("train.views_on_device", "on", {"relabel", "train"}),
+                                                ("train.hard_lr_from_set", "false", {"relabel", "train"}),
+                                                ("train.own_batch_size", "64", {"relabel", "train"})])
 def test_keys_added_after_runs_existed_are_hashed_only_when_set(key, other, stages):
     """A key added later is left out of the hash at its default, so a run directory made before it existed (whose
     records carry hashes without it) resumes under the new code; set to anything else it is hashed as usual."""

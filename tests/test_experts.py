@@ -112,3 +112,9 @@ def test_the_cli_exits_2_naming_the_key(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "recover.mtt.max_start_epoch" in proc.stderr
     assert not (tmp_path / "r" / "manifests").exists()
+
+
+def test_the_experts_schedule_auto_is_pad_for_pad_only():
+    assert fast_config("recover.method=pad").experts.schedule == "pad"
+    assert fast_config("recover.method=mtt").experts.schedule == "none"
+    assert fast_config("recover.method=pad", "experts.schedule=none").experts.schedule == "none"

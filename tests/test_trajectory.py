@@ -183,3 +183,21 @@ def test_an_expert_resumed_from_its_epoch_state_gives_the_same_snapshots():
     assert all(torch.equal(a, b) for a, b in zip(full["snapshots"], resumed["snapshots"], strict=True))
     other = train_expert(spec, 1, x, y, rows, torch.device("cpu"))
     assert not torch.equal(other["snapshots"][0], full["snapshots"][0])  # each expert its own init
+
+
+def test_the_memory_benchmark_runs_on_the_cpu(tmp_path):
+    """`benchmarks/tm_memory.py` (whose GPU figures docs/methods.md reports) stays runnable: one case, CPU."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "benchmarks/tm_memory.py", "--out", str(tmp_path), "--cases", "mtt-1",
+                           "--expert-images", "256"], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "tm_memory.json").read_text())
+    (case,) = result["cases"]
+    assert case["case"] == "mtt-1" and case["syn_steps"] == 50 and case["batch_syn"] == 10
+    # ConvNet-3 at 32 px keeps ~31 MiB per step of 10 images (the GPU measured 1.64 GB for 50 steps)
+    assert 25e6 < case["estimate_per_step_bytes"] < 40e6 and result["expert_images_per_s"] > 0

@@ -64,7 +64,9 @@ def _demo() -> Config:
     real images per class and step (official 256 / 64), DC and DSA 10 iterations (official 1000) with 64
     (official 256), the digits DSA strategy (no flip), which is also the hard protocol's augmentation of every set
     that gets one (`train.hard_dsa_strategy`: random real images trained with `train.hard_augment=dsa` as the
-    fair reference for DSA / DM / DataDAM sets see the same transforms).
+    fair reference for DSA / DM / DataDAM sets see the same transforms). Trajectory matching (mtt, pad): 3
+    experts of 4 epochs (official 100 of 50 / 100), 100 iterations (official 5000 / 10,000) of 10 student steps
+    (official 50 / 30 / 80), targets 1 epoch after a start below 3.
     """
     cfg = Config()
     cfg.data.dataset = "digits"
@@ -80,6 +82,13 @@ def _demo() -> Config:
     # fewer real images per class and step; the DSA strategy is the official one for digits (no flip).
     _synthesis(cfg, ("dm", "datadam"), iterations=100, batch_real=32, strategy=DIGITS_STRATEGY)
     _synthesis(cfg, ("dc", "dsa"), iterations=10, batch_real=64, strategy=DIGITS_STRATEGY)
+    # Trajectory matching (mtt, pad) trains 100 experts of 50-100 epochs and runs 5000-10,000 iterations of up to
+    # 80 unrolled steps officially (GPU-hours); the demo trains 3 experts of 4 epochs (PAD's data schedule squeezed
+    # into them) and runs 100 iterations of 10 steps, the target 1 epoch after a start in [0, 3).
+    e = cfg.experts
+    e.num, e.epochs, e.dsa_strategy, e.pad_add_end_epoch, e.pad_remove_epochs = 3, 4, DIGITS_STRATEGY, 1, [2, 3]
+    _synthesis(cfg, ("mtt", "pad"), iterations=100, syn_steps=10, expert_epochs=1, max_start_epoch=3,
+               strategy=DIGITS_STRATEGY)
     cfg.relabel.mode = "stored"
     t = cfg.train
     t.arch, t.epochs, t.batch_size, t.temperature = "convnet", 300, 64, 20.0

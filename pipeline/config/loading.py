@@ -35,7 +35,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "relabel.mode": ("stored", "online"),
     "train.mix": ("cutmix", "mixup", "none"),
     "train.protocol": ("kd", "hard", "own"),
-    "experts.schedule": ("none", "pad"),
+    "experts.schedule": ("auto", "none", "pad"),
     "train.views_on_device": ("auto", "on", "off"),
     "train.hard_augment": ("auto", "dsa", "none"),
     "executor.kind": ("auto", "local", "ray"),
@@ -352,8 +352,11 @@ def validate(cfg: Config) -> Config:
 
 
 def _check_experts(cfg: Config) -> None:
-    """The pad schedule's shares and epochs make sense."""
+    """`experts.schedule=auto` resolved (pad for recover.method=pad, else none: the value is what is hashed and
+    saved); the pad schedule's shares and epochs make sense."""
     e = cfg.experts
+    if e.schedule == "auto":
+        e.schedule = "pad" if cfg.recover.method == "pad" else "none"
     if not 0.0 < e.pad_init_ratio <= 1.0:
         raise ConfigError(f"config key 'experts.pad_init_ratio' must be in (0, 1], got {e.pad_init_ratio}")
     if e.pad_add_end_epoch < 0:

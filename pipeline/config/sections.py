@@ -201,8 +201,9 @@ class ExpertsConfig:
     batch_size: int = _f(256, "images per SGD step (official 256)")
     dsa_strategy: str = _f("color_crop_cutout_flip_scale_rotate", "DSA augmentation of every batch (official: "
                            "on, the full strategy); 'none' = no augmentation")
-    schedule: str = _f("none", "none: all of the data every epoch (MTT, DATM) | pad: PAD's easy-first data "
-                       "scheduler, ordered by the teacher's per-sample loss (squeeze.sample_stats)")
+    schedule: str = _f("auto", "none: all of the data every epoch (MTT, DATM) | pad: PAD's easy-first data "
+                       "scheduler, ordered by the teacher's per-sample loss (squeeze.sample_stats) | auto: pad for "
+                       "recover.method=pad, else none (resolved when the config is loaded)")
     pad_init_ratio: float = _f(0.75, "pad schedule: share of each class (easiest first) trained at epoch 0")
     pad_add_end_epoch: int = _f(20, "pad schedule: epoch by which all of the data is in")
     pad_remove_epochs: list[int] = field(default_factory=lambda: [40, 60], metadata={

@@ -111,9 +111,9 @@ class PadConfig:
         if r["min_start_epoch"] >= r["max_start_epoch"]:
             raise ValueError(f"config key 'recover.pad.min_start_epoch' ({r['min_start_epoch']}) must be below "
                              f"max_start_epoch ({r['max_start_epoch']})")
-        if cfg.experts.schedule != "pad":
-            log.warning("recover.method=pad with experts.schedule=%s: PAD trains its experts with its easy-first "
-                        "data scheduler (experts.schedule=pad)", cfg.experts.schedule)
+        if cfg.experts.schedule == "none":
+            log.warning("recover.method=pad with experts.schedule=none: PAD trains its experts with its easy-first "
+                        "data scheduler (experts.schedule=pad or auto)")
 
 
 class PadWorker(TrajectoryWorker):
