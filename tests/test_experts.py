@@ -118,3 +118,16 @@ def test_the_experts_schedule_auto_is_pad_for_pad_only():
     assert fast_config("recover.method=pad").experts.schedule == "pad"
     assert fast_config("recover.method=mtt").experts.schedule == "none"
     assert fast_config("recover.method=pad", "experts.schedule=none").experts.schedule == "none"
+
+
+def test_distill_methods_lists_mtt_and_pad_with_their_keys_and_differences(capsys):
+    from pipeline.commands.cli import main
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "mtt: MTT" in out and "pad: PAD" in out and "needs: real images, trajectories" in out
+    assert main(["methods", "pad"]) == 0
+    out = capsys.readouterr().out
+    for key in ("syn_steps = 80", "mask = 'loss-ratio'", "mask_ratio = -1.0", "lr_label", "loss_threshold", "memory"):
+        assert key in out, key
+    assert "differences from the official code:" in out and "GSAM" in out and "loss_threshold_low" in out

@@ -157,6 +157,8 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
+    import textwrap
+
     from pipeline.methods import get_method, registry
 
     try:
@@ -177,6 +179,10 @@ def _cmd_methods(args: argparse.Namespace) -> int:
                 print(f"    {key} = {default!r}  # {doc}")
         else:
             print("  keys: none of its own")
+        if m.differences:
+            print("  differences from the official code:")
+            for item in m.differences:
+                print(textwrap.fill(item, 100, initial_indent="    - ", subsequent_indent="      "))
         print()
     print("Shared keys: recover.method, recover.ipc, recover.init, recover.classes_per_shard, recover.ipc_per_unit, "
           "recover.amp, recover.channels_last (see `distill run --help`).")

@@ -7,8 +7,8 @@ instance-normed ConvNet has none, as in MTT's `buffer.py`, which saves parameter
 (architecture, classes, resolution), so a reader can refuse a file made for another network.
 
 Size: 4 bytes x P x (epochs + 1) per expert. ConvNet-3 (width 128, instance norm): P = 320,010 at 32 px with 10
-classes (66 MB for 50 epochs, MTT's 100 experts 6.5 GB); 317,706 at 28 px (3 x 3 final map); at 64 px the
-classifier grows to 8,192 x C (200 classes: 1.94 M parameters, 396 MB for 50 epochs).
+classes (65 MB for 50 epochs, MTT's 100 experts 6.5 GB); 311,050 at 28 px (3 x 3 final map); at 64 px the
+classifier grows to 8,192 x C (200 classes: 1,938,120 parameters, 395 MB for 50 epochs).
 """
 
 from __future__ import annotations

@@ -128,6 +128,8 @@ class Method:
     # greedy selection in the teacher's feature space, `RecoverEnv.selected_rows`) or "ranking" (a per-sample score,
     # `RecoverEnv.ranked_rows`); "" = none.
     selection: str = ""
+    # Where it differs from its official code, one phrase each (`distill methods NAME` prints them).
+    differences: tuple[str, ...] = ()
 
     @property
     def config_key(self) -> str:
@@ -154,7 +156,7 @@ OpenFn = Callable[[Any, Any], MethodWorker]
 def register(name: str, *, description: str, needs: Needs = Needs(), config: type | None = None,
              whole_class: bool = False, all_classes: bool = False, default_init: str = "noise",
              synthesizes: bool = True, hard_augment: str = "none", key: str = "",
-             selection: str = "") -> Callable[[OpenFn], OpenFn]:
+             selection: str = "", differences: tuple[str, ...] = ()) -> Callable[[OpenFn], OpenFn]:
     """Decorator on a method's `open(env, cfg)` function: adds the method to the registry under `name`."""
 
     def wrap(open_fn: OpenFn) -> OpenFn:
@@ -167,7 +169,7 @@ def register(name: str, *, description: str, needs: Needs = Needs(), config: typ
         _REGISTRY[name] = Method(name=name, description=description, needs=needs, open=open_fn, config_cls=config,
                                  whole_class=whole_class or all_classes, all_classes=all_classes,
                                  default_init=default_init, synthesizes=synthesizes, hard_augment=hard_augment,
-                                 key=key, selection=selection)
+                                 key=key, selection=selection, differences=tuple(differences))
         return open_fn
 
     return wrap

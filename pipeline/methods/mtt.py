@@ -174,8 +174,19 @@ class TrajectoryWorker:
         return {"memory_estimate_bytes": est["total"], "memory_per_step_bytes": est["per_step"]}
 
 
+TM_DIFFERENCES = (
+    "no ZCA whitening (the official CIFAR-10 IPC 1 and 10 settings whiten): the set is stored as images",
+    "the expert, start epoch, batches and DSA draws come from the unit's generator (official: the global RNG), so a "
+    "rerun gives the same bytes on CPU",
+    "the images are clamped to [0, 1] and stored as 8-bit PNG after the last iteration (never during it, as the "
+    "official code)",
+)
+
+
 @register("mtt", description="MTT: match the parameters students reach on the synthetic set to expert trajectories",
           needs=Needs(real_images=True, artifacts=("trajectories",)), config=MttConfig, all_classes=True,
-          default_init="real", hard_augment="dsa")
+          default_init="real", hard_augment="dsa",
+          differences=(*TM_DIFFERENCES, "auto settings for other IPCs take the nearest official row below "
+                                        "(IPC 2-10: the IPC-10 row; above 10: the IPC-50 row)"))
 def open_mtt(env: Any, cfg: MttConfig) -> TrajectoryWorker:
     return TrajectoryWorker(env, cfg)

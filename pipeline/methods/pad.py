@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.methods.base import Needs, doc_field, register
-from pipeline.methods.mtt import MEMORY_CHOICES, TrajectoryWorker, check_window, official_row
+from pipeline.methods.mtt import MEMORY_CHOICES, TM_DIFFERENCES, TrajectoryWorker, check_window, official_row
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,14 @@ class PadWorker(TrajectoryWorker):
 @register("pad", description="PAD: trajectory matching with DATM's learned soft labels and start window, PAD's "
                              "parameter selection and easy-first experts",
           needs=Needs(real_images=True, artifacts=("trajectories",)), config=PadConfig, all_classes=True,
-          default_init="real-correct", hard_augment="dsa")
+          default_init="real-correct", hard_augment="dsa",
+          differences=(*TM_DIFFERENCES,
+                       "the experts are trained with plain SGD (DATM and PAD: GSAM, rho 0.01, alpha 0.3)",
+                       "the experts' easy-first data schedule orders each class by the teacher's mean loss over its "
+                       "last training epochs, for any per-class count (official: a precomputed GraNd / uncertainty "
+                       "ranking of DeepCore, hard-coded as 5000 images per class)",
+                       "init real-correct asks the squeeze teacher (official: the first expert's final epoch)",
+                       "the mask applies whenever mask_ratio > 0 (PAD.py as committed reads an undefined "
+                       "loss_threshold_low)"))
 def open_pad(env: Any, cfg: PadConfig) -> PadWorker:
     return PadWorker(env, cfg)
