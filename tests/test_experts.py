@@ -100,6 +100,7 @@ def test_mtt_and_pad_run_end_to_end_sharing_their_experts(tiny, tmp_path):
     (["recover.method=pad", "recover.pad.syn_steps=0"], "syn_steps"),
     (["recover.method=mtt", "recover.mtt.syn_steps=-1"], "syn_steps"),
     (["experts.schedule=easy"], "experts.schedule"),
+    (["recover.method=pad", "squeeze.sample_stats=false"], "experts.schedule=pad"),
 ])
 def test_bad_trajectory_settings_are_refused_at_load(sets, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -357,6 +357,15 @@ def _check_experts(cfg: Config) -> None:
     e = cfg.experts
     if e.schedule == "auto":
         e.schedule = "pad" if cfg.recover.method == "pad" else "none"
+    from pipeline.methods import get_method
+
+    if e.schedule == "pad" and "trajectories" in get_method(cfg.recover.method).needs.artifact_names():
+        why = (f"this run imports its teacher (squeeze.weights={cfg.squeeze.weights})" if cfg.squeeze.weights else
+               "squeeze.sample_stats is off" if not cfg.squeeze.sample_stats else "")
+        if why:
+            raise ConfigError(f"config key 'experts.schedule=pad' orders the experts' data by the per-sample losses "
+                              f"recorded while the squeeze stage trains the teacher, and {why}: train the teacher "
+                              "here with squeeze.sample_stats=true, or set experts.schedule=none")
     if not 0.0 < e.pad_init_ratio <= 1.0:
         raise ConfigError(f"config key 'experts.pad_init_ratio' must be in (0, 1], got {e.pad_init_ratio}")
     if e.pad_add_end_epoch < 0:
