@@ -27,7 +27,7 @@ def tiny(tmp_path_factory) -> Path:
 
 def _sets(tiny: Path, *extra: str) -> list[str]:
     return [f"data.source={tiny}", "data.resolution=16", "recover.classes_per_shard=0", "recover.ipc=1",
-            "experts.num=2", "experts.epochs=3", "experts.batch_size=8", "squeeze.batch_size=8", "recover.mtt.iterations=3",
+            "experts.num=2", "experts.epochs=3", "experts.el2n_networks=2", "experts.el2n_epoch=1", "experts.batch_size=8", "squeeze.batch_size=8", "recover.mtt.iterations=3",
             "recover.mtt.syn_steps=2", "recover.mtt.max_start_epoch=2", "recover.mtt.expert_epochs=1",
             "recover.pad.iterations=3", "recover.pad.syn_steps=2", "recover.pad.max_start_epoch=2",
             "recover.pad.expert_epochs=1", "train.hard_epochs=2", "eval.protocols=[hard,own]", *extra]
@@ -77,7 +77,9 @@ def test_mtt_and_pad_run_end_to_end_sharing_their_experts(tiny, tmp_path):
     assert {c["protocol"] for c in summary["cells"]} == {"hard", "own"}
     assert summary["cost"]["stages"]["experts"]["units"] == 2 and summary["cost"]["stages"]["experts"]["device_s"] > 0
 
-    run_pipeline(fast_config(*_sets(tiny, "recover.method=pad", f"experts.dir={shared}")), pad_dir, progress=False)
+    # DATM's way (pad without PAD's data schedule): the same experts as the mtt run, read back from the shared folder
+    run_pipeline(fast_config(*_sets(tiny, "recover.method=pad", "experts.schedule=none", f"experts.dir={shared}")),
+                 pad_dir, progress=False)
     experts = ManifestStore(pad_dir).records("experts")
     assert len(experts) == 2 and all(r.metrics["cached"] for r in experts)  # the mtt run's files, read back
     recover = ManifestStore(pad_dir).records("recover")
@@ -100,7 +102,7 @@ def test_mtt_and_pad_run_end_to_end_sharing_their_experts(tiny, tmp_path):
     (["recover.method=pad", "recover.pad.syn_steps=0"], "syn_steps"),
     (["recover.method=mtt", "recover.mtt.syn_steps=-1"], "syn_steps"),
     (["experts.schedule=easy"], "experts.schedule"),
-    (["recover.method=pad", "squeeze.sample_stats=false"], "experts.schedule=pad"),
+    (["recover.method=pad", "experts.difficulty=teacher-loss", "squeeze.sample_stats=false"], "experts.difficulty"),
 ])
 def test_bad_trajectory_settings_are_refused_at_load(sets, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -132,3 +134,24 @@ def test_distill_methods_lists_mtt_and_pad_with_their_keys_and_differences(capsy
     for key in ("syn_steps = 80", "mask = 'loss-ratio'", "mask_ratio = -1.0", "lr_label", "loss_threshold", "memory"):
         assert key in out, key
     assert "differences from the official code:" in out and "GSAM" in out and "loss_threshold_low" in out
+
+
+@pytest.mark.parametrize("difficulty", ["el2n", "teacher-loss"])
+def test_pad_experts_train_on_the_easy_share_first(tiny, tmp_path, difficulty):
+    """PAD's schedule, ordered by the difficulty stage's EL2N or the teacher's loss: the first epoch trains on half
+    of each class, then on all of it; EL2N scores exist only under el2n."""
+    import torch
+
+    sets = _sets(tiny, "recover.method=pad", f"experts.difficulty={difficulty}", "experts.pad_init_ratio=0.5",
+                 "experts.pad_add_end_epoch=1", "experts.pad_remove_epochs=[5,6]")
+    run_dir = tmp_path / "run"
+    run_pipeline(fast_config(*sets), run_dir, stages=["ingest", "squeeze", "difficulty", "experts"], progress=False)
+    scores = ManifestStore(run_dir).records("difficulty")
+    assert len(scores) == (2 if difficulty == "el2n" else 0)
+    for rec in scores:
+        obj = torch.load(run_dir / rec.outputs[0].uri, weights_only=True)
+        assert obj["el2n"].shape == obj["rows"].shape and ((obj["el2n"] >= 0) & (obj["el2n"] <= 2 ** 0.5)).all()
+    (first, *_) = ManifestStore(run_dir).records("experts")
+    n = first.metrics["images_trained"]
+    per_epoch = n / (0.5 + 2)  # epoch 0: half of each class; epochs 1, 2: all of it
+    assert abs(n - per_epoch * 2.5) < 1e-9 and 20 <= per_epoch <= 24

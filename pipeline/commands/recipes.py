@@ -65,8 +65,8 @@ def _demo() -> Config:
     (official 256), the digits DSA strategy (no flip), which is also the hard protocol's augmentation of every set
     that gets one (`train.hard_dsa_strategy`: random real images trained with `train.hard_augment=dsa` as the
     fair reference for DSA / DM / DataDAM sets see the same transforms). Trajectory matching (mtt, pad): 3
-    experts of 4 epochs (official 100 of 50 / 100), 100 iterations (official 5000 / 10,000) of 10 student steps
-    (official 50 / 30 / 80), targets 1 epoch after a start below 3.
+    experts of 4 epochs (official 100 of 50 / 100; PAD's EL2N from 2 networks at epoch 2), 100 iterations
+    (official 5000 / 10,000) of 10 student steps (official 50 / 30 / 80), targets 1 epoch after a start below 3.
     """
     cfg = Config()
     cfg.data.dataset = "digits"
@@ -87,6 +87,7 @@ def _demo() -> Config:
     # into them) and runs 100 iterations of 10 steps, the target 1 epoch after a start in [0, 3).
     e = cfg.experts
     e.num, e.epochs, e.dsa_strategy, e.pad_add_end_epoch, e.pad_remove_epochs = 3, 4, DIGITS_STRATEGY, 1, [2, 3]
+    e.el2n_networks, e.el2n_epoch = 2, 2  # PAD's EL2N difficulty from 2 networks at epoch 2 (Paul et al.: 10 at 20)
     _synthesis(cfg, ("mtt", "pad"), iterations=100, syn_steps=10, expert_epochs=1, max_start_epoch=3,
                strategy=DIGITS_STRATEGY)
     cfg.relabel.mode = "stored"

@@ -36,6 +36,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.mix": ("cutmix", "mixup", "none"),
     "train.protocol": ("kd", "hard", "own"),
     "experts.schedule": ("auto", "none", "pad"),
+    "experts.difficulty": ("el2n", "teacher-loss"),
     "train.views_on_device": ("auto", "on", "off"),
     "train.hard_augment": ("auto", "dsa", "none"),
     "executor.kind": ("auto", "local", "ray"),
@@ -52,7 +53,8 @@ _POSITIVE = (
     "train.epochs", "train.batch_size", "eval.batch_size", "eval.seeds", "eval.gpus_per_student",
     "squeeze.lr", "squeeze.stats_window", "train.lr", "train.temperature", "train.mix_alpha", "train.hard_batch_size", "train.hard_lr",
     "train.own_batch_size",
-    "experts.num", "experts.epochs", "experts.lr", "experts.batch_size", "experts.cache",
+    "experts.num", "experts.epochs", "experts.lr", "experts.batch_size", "experts.cache", "experts.el2n_networks",
+    "experts.el2n_epoch",
 )
 # Counts where 0 has a meaning ("auto", "all", "never") but a negative value has none.
 _NON_NEGATIVE = (
@@ -359,13 +361,14 @@ def _check_experts(cfg: Config) -> None:
         e.schedule = "pad" if cfg.recover.method == "pad" else "none"
     from pipeline.methods import get_method
 
-    if e.schedule == "pad" and "trajectories" in get_method(cfg.recover.method).needs.artifact_names():
+    if e.schedule == "pad" and e.difficulty == "teacher-loss" and \
+            "trajectories" in get_method(cfg.recover.method).needs.artifact_names():
         why = (f"this run imports its teacher (squeeze.weights={cfg.squeeze.weights})" if cfg.squeeze.weights else
                "squeeze.sample_stats is off" if not cfg.squeeze.sample_stats else "")
         if why:
-            raise ConfigError(f"config key 'experts.schedule=pad' orders the experts' data by the per-sample losses "
-                              f"recorded while the squeeze stage trains the teacher, and {why}: train the teacher "
-                              "here with squeeze.sample_stats=true, or set experts.schedule=none")
+            raise ConfigError(f"config key 'experts.difficulty=teacher-loss' orders the experts' data by the per-sample "
+                              f"losses recorded while the squeeze stage trains the teacher, and {why}: train the "
+                              "teacher here with squeeze.sample_stats=true, or set experts.difficulty=el2n")
     if not 0.0 < e.pad_init_ratio <= 1.0:
         raise ConfigError(f"config key 'experts.pad_init_ratio' must be in (0, 1], got {e.pad_init_ratio}")
     if e.pad_add_end_epoch < 0:

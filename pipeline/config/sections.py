@@ -202,8 +202,13 @@ class ExpertsConfig:
     dsa_strategy: str = _f("color_crop_cutout_flip_scale_rotate", "DSA augmentation of every batch (official: "
                            "on, the full strategy); 'none' = no augmentation")
     schedule: str = _f("auto", "none: all of the data every epoch (MTT, DATM) | pad: PAD's easy-first data "
-                       "scheduler, ordered by the teacher's per-sample loss (squeeze.sample_stats) | auto: pad for "
+                       "scheduler, each class ordered by experts.difficulty | auto: pad for "
                        "recover.method=pad, else none (resolved when the config is loaded)")
+    difficulty: str = _f("el2n", "what orders the pad schedule: el2n (the difficulty stage: EL2N of el2n_networks "
+                         "networks at el2n_epoch, Paul et al.'s stand-in for PAD's GraNd) | teacher-loss (the "
+                         "squeeze teacher's mean loss over its last stats_window epochs: no extra training)")
+    el2n_networks: int = _f(10, "difficulty = el2n: networks averaged (Paul et al.: 10)")
+    el2n_epoch: int = _f(20, "difficulty = el2n: epochs each network trains before scoring (Paul et al.: 20)")
     pad_init_ratio: float = _f(0.75, "pad schedule: share of each class (easiest first) trained at epoch 0")
     pad_add_end_epoch: int = _f(20, "pad schedule: epoch by which all of the data is in")
     pad_remove_epochs: list[int] = field(default_factory=lambda: [40, 60], metadata={

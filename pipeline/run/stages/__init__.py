@@ -10,6 +10,7 @@ before them in run order, and everything below `pipeline.run`.
 # isort: off
 from pipeline.run.stages import ingest  # noqa: F401 - importing a stage module registers it
 from pipeline.run.stages import squeeze  # noqa: F401
+from pipeline.run.stages import difficulty  # noqa: F401
 from pipeline.run.stages import experts  # noqa: F401
 from pipeline.run.stages import recover  # noqa: F401
 from pipeline.run.stages import relabel  # noqa: F401

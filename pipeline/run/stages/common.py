@@ -136,3 +136,34 @@ def outputs_digest(ctx: RunContext, stage: str) -> str:
     """A digest of the sha256 of every file the stage's current records name (the shards, the teacher)."""
     shas = sorted(o.sha256 for r in ctx.store.records(stage) if r.config_hash == ctx.hashes[stage] for o in r.outputs)
     return digest_of(shas)
+
+
+def expert_spec(ctx: RunContext) -> Any:
+    """How each expert is trained (`pipeline.train.experts.ExpertSpec`), from the experts section."""
+    from pipeline.train.experts import ExpertSpec, PadSchedule
+
+    e, meta = ctx.config.experts, real_meta(ctx)
+    pad = None
+    if e.schedule == "pad":
+        pad = PadSchedule(init_ratio=e.pad_init_ratio, add_end_epoch=e.pad_add_end_epoch,
+                          remove_start_epoch=e.pad_remove_epochs[0], remove_ratio_1=e.pad_remove_ratios[0],
+                          remove_second_epoch=e.pad_remove_epochs[1], remove_ratio_2=e.pad_remove_ratios[1])
+    return ExpertSpec(arch=e.arch, num_classes=meta["num_classes"], resolution=ctx.config.data.resolution,
+                      epochs=e.epochs, batch_size=e.batch_size, lr=e.lr, momentum=e.momentum,
+                      weight_decay=e.weight_decay, dsa_strategy="" if e.dsa_strategy == "none" else e.dsa_strategy,
+                      seed=e.seed, pad=pad)
+
+
+def train_split(ctx: RunContext, device: Any) -> tuple[Any, Any, list[int]]:
+    """The real training split less the holdout slice: normalized images [N, 3, R, R] on `device`, labels [N] and
+    the index row of each image."""
+    from pipeline.core.imageops import normalize
+    from pipeline.data.holdout import HoldoutSpec
+    from pipeline.train.full_real import load_train_split
+
+    names = real_meta(ctx)["shards"]["train"]
+    holdout = HoldoutSpec(str(ctx.path("real")), tuple(str(ctx.path("real", f"{n}.parquet")) for n in names),
+                          ctx.config.eval.holdout_fraction, ctx.config.data.shuffle_seed)
+    raw, labels, rows = load_train_split(holdout, ctx.config.data.resolution)
+    x = normalize(raw.float().div_(255.0), ctx.config.data.mean, ctx.config.data.std).to(device)
+    return x, labels, rows

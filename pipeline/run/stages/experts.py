@@ -25,7 +25,15 @@ from pipeline.core.errors import ConfigError
 from pipeline.core.seeding import torch_threads
 from pipeline.run.base import RunContext, Stage, Unit, UnitResult
 from pipeline.run.graph import register_stage
-from pipeline.run.stages.common import SAMPLE_STATS, check_file, digest_of, outputs_digest, real_meta
+from pipeline.run.stages.common import (
+    SAMPLE_STATS,
+    check_file,
+    digest_of,
+    expert_spec,
+    outputs_digest,
+    real_meta,
+    train_split,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,26 +51,21 @@ def experts_folder(ctx: RunContext) -> Path:
     """The keyed folder of this run's experts."""
     root = Path(ctx.config.experts.dir).expanduser() if ctx.config.experts.dir else ctx.path("experts")
     inputs = {"ingest": outputs_digest(ctx, "ingest")}
-    if ctx.config.experts.schedule == "pad":
+    source = difficulty_source(ctx.config)
+    if source == "squeeze":
         from manifests.digest import file_digest
 
         inputs["sample-stats"] = file_digest(ctx.path(SAMPLE_STATS))[0]
+    elif source == "difficulty":
+        inputs["el2n"] = outputs_digest(ctx, "difficulty")
     return root / f"experts-{digest_of({'hash': ctx.hashes['experts'], 'inputs': inputs})}"
 
 
-def expert_spec(ctx: RunContext) -> Any:
-    from pipeline.train.experts import ExpertSpec, PadSchedule
-
-    e, meta = ctx.config.experts, real_meta(ctx)
-    pad = None
-    if e.schedule == "pad":
-        pad = PadSchedule(init_ratio=e.pad_init_ratio, add_end_epoch=e.pad_add_end_epoch,
-                          remove_start_epoch=e.pad_remove_epochs[0], remove_ratio_1=e.pad_remove_ratios[0],
-                          remove_second_epoch=e.pad_remove_epochs[1], remove_ratio_2=e.pad_remove_ratios[1])
-    return ExpertSpec(arch=e.arch, num_classes=meta["num_classes"], resolution=ctx.config.data.resolution,
-                      epochs=e.epochs, batch_size=e.batch_size, lr=e.lr, momentum=e.momentum,
-                      weight_decay=e.weight_decay, dsa_strategy="" if e.dsa_strategy == "none" else e.dsa_strategy,
-                      seed=e.seed, pad=pad)
+def difficulty_source(cfg: Any) -> str:
+    """The stage whose outputs order PAD's schedule: difficulty (EL2N), squeeze (the teacher's loss), or ''."""
+    if cfg.experts.schedule != "pad":
+        return ""
+    return "difficulty" if cfg.experts.difficulty == "el2n" else "squeeze"
 
 
 def trajectory_meta(ctx: RunContext) -> dict[str, Any]:
@@ -86,23 +89,25 @@ def trajectory_reader(ctx: RunContext) -> Any:
 
 class ExpertsStage(Stage):
     name = "experts"
-    depends_on = ("ingest", "squeeze")
+    depends_on = ("ingest", "squeeze", "difficulty")
     # not the run seed: runs with other seeds share the experts (experts.seed seeds them)
     sections = ("experts", "eval.holdout_fraction", "data.shuffle_seed", "data.resolution", "data.mean", "data.std")
     distributed = True
     needs_gpu = True
 
     def dependencies(self, cfg: Any) -> tuple[str, ...]:
-        """Ingest's shards; with the pad schedule also the teacher's per-sample statistics (squeeze)."""
-        return ("squeeze",) if cfg.experts.schedule == "pad" else ("ingest",)
+        """Ingest's shards; with the pad schedule also what orders it: the EL2N scores (difficulty) or the
+        teacher's per-sample statistics (squeeze)."""
+        return (difficulty_source(cfg) or "ingest",)
 
     def read_stages(self, ctx: RunContext) -> tuple[str, ...]:
-        return ("ingest", "squeeze") if ctx.config.experts.schedule == "pad" else ("ingest",)
+        source = difficulty_source(ctx.config)
+        return ("ingest", source) if source else ("ingest",)
 
     def validate(self, ctx: RunContext) -> None:
         if not needs_trajectories(ctx.config):
             return
-        if ctx.config.experts.schedule == "pad":
+        if difficulty_source(ctx.config) == "squeeze":
             check_file(ctx.path(SAMPLE_STATS), "the teacher's per-sample statistics, which order the data of "
                        "experts.schedule=pad (train the teacher here with squeeze.sample_stats=true)")
 
@@ -135,20 +140,16 @@ class ExpertsWorker:
 
     def data(self) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """(normalized images [N, 3, R, R] on the device, labels [N], per class the positions of its images in
-        easiest-first order: by the teacher's mean loss under the pad schedule, else index order)."""
+        easiest-first order under the pad schedule (by EL2N or the teacher's mean loss), else index order)."""
         if self._data is None:
-            from pipeline.core.imageops import normalize
-            from pipeline.data.holdout import HoldoutSpec
-            from pipeline.train.full_real import load_train_split
-
             ctx = self.ctx
-            names = real_meta(ctx)["shards"]["train"]
-            holdout = HoldoutSpec(str(ctx.path("real")), tuple(str(ctx.path("real", f"{n}.parquet")) for n in names),
-                                  ctx.config.eval.holdout_fraction, ctx.config.data.shuffle_seed)
-            raw, labels, rows = load_train_split(holdout, ctx.config.data.resolution)
-            x = normalize(raw.float().div_(255.0), ctx.config.data.mean, ctx.config.data.std).to(self.device)
+            x, labels, rows = train_split(ctx, self.device)
             score = torch.zeros(len(rows))
-            if ctx.config.experts.schedule == "pad":
+            if difficulty_source(ctx.config) == "difficulty":
+                from pipeline.run.stages.difficulty import read_el2n
+
+                score = read_el2n(ctx, rows)
+            elif difficulty_source(ctx.config) == "squeeze":
                 score = self._difficulty(rows)
             easy_first = []
             for c in range(real_meta(ctx)["num_classes"]):
