@@ -69,30 +69,36 @@ def _set_tag(extra: list[str]) -> str:
 
 
 def one_run(work: Path, method: str, ipc: int, seed: int, epochs: int, augment: str = "auto",
-            extra: list[str] | None = None, protocol: str = "hard") -> dict:
+            extra: list[str] | None = None, protocol: str = "hard") -> list[dict]:
+    """One run directory; a row per protocol (`protocol` may name several, comma-separated: one recover, a student
+    of each)."""
     from pipeline.commands.recipes import load_config
     from pipeline.run.runner import run_pipeline
 
-    extra = list(extra or [])
+    extra, protocols = list(extra or []), protocol.split(",")
     src = teacher(work, seed)
     run_dir = work / (f"{method}-ipc{ipc}-s{seed}" + ("" if augment == "auto" else f"-aug-{augment}")
-                      + ("" if protocol == "hard" else f"-{protocol}") + (f"-set-{_set_tag(extra)}" if extra else ""))
+                      + ("" if protocols == ["hard"] else "-" + "-".join(protocols))
+                      + (f"-set-{_set_tag(extra)}" if extra else ""))
     if not run_dir.exists():
         shutil.copytree(src, run_dir)
     overrides = [*COMMON, f"seed={seed}", f"recover.method={method}", f"recover.ipc={ipc}",
-                 f"recover.ipc_per_unit={min(ipc, 5)}", f"train.protocol={protocol}", f"train.hard_epochs={epochs}",
+                 f"recover.ipc_per_unit={min(ipc, 5)}", f"train.protocol={protocols[0]}", f"train.hard_epochs={epochs}",
                  f"experts.dir={work / 'experts'}",  # trajectory matching: every run shares the experts of its key
                  f"train.hard_augment={augment}", *extra]
+    if len(protocols) > 1:
+        overrides.append(f"eval.protocols=[{','.join(protocols)}]")
     t0 = time.time()
     run_pipeline(load_config("demo", overrides=overrides), run_dir, progress=False)
     summary = json.loads((run_dir / "results" / "summary.json").read_text())
     recs = [json.loads(p.read_text()) for p in (run_dir / "manifests" / "recover").glob("c*.json")]
-    return {"method": method, "ipc": ipc, "seed": seed, "top1": summary["top1"], "epochs": epochs,
-            "recover_s": round(sum(r["metrics"].get("seconds", 0.0) for r in recs), 1),
-            "wall_s": round(time.time() - t0, 1), "augmentation": summary["protocol"]["augmentation"],
-            "hard_augment": augment, **({"set": sorted(extra)} if extra else {}),
-            **({"protocol": protocol} if protocol != "hard" else {}),
-            "device": next((r["metrics"].get("device") for r in recs), None)}
+    top1 = {c["protocol"]: c["top1"] for c in summary.get("cells", []) if c.get("seed", 0) == 0}
+    return [{"method": method, "ipc": ipc, "seed": seed, "top1": top1.get(p, summary["top1"]), "epochs": epochs,
+             "recover_s": round(sum(r["metrics"].get("seconds", 0.0) for r in recs), 1),
+             "wall_s": round(time.time() - t0, 1), "augmentation": summary["protocol"]["augmentation"],
+             "hard_augment": augment, **({"set": sorted(extra)} if extra else {}),
+             **({"protocol": p} if p != "hard" else {}),
+             "device": next((r["metrics"].get("device") for r in recs), None)} for p in protocols]
 
 
 def _aug(row: dict) -> str:
@@ -140,11 +146,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="another config override for every run (repeatable), e.g. a method's published schedule "
                         "on a GPU: --set recover.dm.iterations=20000 --set recover.dm.batch_real=256; such runs get "
                         "their own run directories and table rows")
-    p.add_argument("--protocol", default="hard", choices=("hard", "own"),
-                   help="student protocol: hard, or own (the set's learned labels, DATM / PAD; one-hot without)")
+    p.add_argument("--protocol", default="hard",
+                   help="student protocol(s): hard, own (the set's learned labels, DATM / PAD; one-hot without), or "
+                        "hard,own (one recover, both students: a row each)")
     p.add_argument("--out", default=None, help="also write the markdown table here")
     p.add_argument("--report", action="store_true", help="only print the table of the results so far")
     args = p.parse_args(argv)
+    if not args.protocol or any(x not in ("hard", "own") for x in args.protocol.split(",")):
+        p.error(f"--protocol: hard, own or hard,own, got {args.protocol!r}")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     methods, ipcs = args.methods.split(","), [int(i) for i in args.ipcs.split(",")]
@@ -152,17 +161,19 @@ def main(argv: list[str] | None = None) -> int:
     results = work / "results.jsonl"
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     done = {(r["method"], r["ipc"], r["seed"], r["epochs"], _aug(r)) for r in rows}
-    variant = _aug({"hard_augment": args.hard_augment, "set": sorted(args.extra), "protocol": args.protocol})
+    variants = [_aug({"hard_augment": args.hard_augment, "set": sorted(args.extra), "protocol": p})
+                for p in args.protocol.split(",")]
     for seed in [] if args.report else seeds:
         for ipc in ipcs:
             for m in methods:
-                if (m, ipc, seed, args.student_epochs, variant) in done:
+                if all((m, ipc, seed, args.student_epochs, v) in done for v in variants):
                     continue
-                row = one_run(work, m, ipc, seed, args.student_epochs, args.hard_augment, args.extra, args.protocol)
-                print(json.dumps(row), flush=True)
-                with results.open("a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-                rows.append(row)
+                for row in one_run(work, m, ipc, seed, args.student_epochs, args.hard_augment, args.extra,
+                                   args.protocol):
+                    print(json.dumps(row), flush=True)
+                    with results.open("a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+                    rows.append(row)
     rows = [r for r in rows if r["epochs"] == args.student_epochs and r["seed"] in seeds]
     out = table(rows, methods, ipcs)
     print(out)
