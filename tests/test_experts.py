@@ -155,3 +155,15 @@ def test_pad_experts_train_on_the_easy_share_first(tiny, tmp_path, difficulty):
     n = first.metrics["images_trained"]
     per_epoch = n / (0.5 + 2)  # epoch 0: half of each class; epochs 1, 2: all of it
     assert abs(n - per_epoch * 2.5) < 1e-9 and 20 <= per_epoch <= 24
+
+
+def test_the_difficulty_keys_move_only_the_hashes_of_stages_that_read_them():
+    from pipeline.run.runner import compute_hashes
+
+    mtt = compute_hashes(fast_config("recover.method=mtt"))
+    changed = compute_hashes(fast_config("recover.method=mtt", "experts.el2n_networks=3"))
+    assert {k: v for k, v in changed.items() if k != "difficulty"} == {k: v for k, v in mtt.items() if k != "difficulty"}
+    pad = compute_hashes(fast_config("recover.method=pad"))
+    other = compute_hashes(fast_config("recover.method=pad", "experts.el2n_networks=3"))
+    assert other["difficulty"] != pad["difficulty"] and other["experts"] != pad["experts"]
+    assert other["squeeze"] == pad["squeeze"]

@@ -30,6 +30,13 @@ def _since(default: Any, doc: str) -> Any:
     return field(default=default, metadata={"doc": doc, "hash_if_set": True})
 
 
+def _named(default: Any, doc: str) -> Any:
+    """A scalar field left out of its own section's hash and hashed, by its dotted name, by the stages that use it
+    (the experts' difficulty keys: the difficulty stage hashes them, and the experts stage inherits that hash only
+    when PAD's schedule reads its scores, so they never move the hash of experts that do not use them)."""
+    return field(default=default, metadata={"hash": "by-name", "doc": doc})
+
+
 def _op(default: Any, doc: str) -> Any:
     """An operational field: it never changes what a stage computes, so it is not part of any config hash."""
     return field(default=default, metadata={"hash": False, "doc": doc})
@@ -204,11 +211,11 @@ class ExpertsConfig:
     schedule: str = _f("auto", "none: all of the data every epoch (MTT, DATM) | pad: PAD's easy-first data "
                        "scheduler, each class ordered by experts.difficulty | auto: pad for "
                        "recover.method=pad, else none (resolved when the config is loaded)")
-    difficulty: str = _f("el2n", "what orders the pad schedule: el2n (the difficulty stage: EL2N of el2n_networks "
+    difficulty: str = _named("el2n", "what orders the pad schedule: el2n (the difficulty stage: EL2N of el2n_networks "
                          "networks at el2n_epoch, Paul et al.'s stand-in for PAD's GraNd) | teacher-loss (the "
                          "squeeze teacher's mean loss over its last stats_window epochs: no extra training)")
-    el2n_networks: int = _f(10, "difficulty = el2n: networks averaged (Paul et al.: 10)")
-    el2n_epoch: int = _f(20, "difficulty = el2n: epochs each network trains before scoring (Paul et al.: 20)")
+    el2n_networks: int = _named(10, "difficulty = el2n: networks averaged (Paul et al.: 10)")
+    el2n_epoch: int = _named(20, "difficulty = el2n: epochs each network trains before scoring (Paul et al.: 20)")
     pad_init_ratio: float = _f(0.75, "pad schedule: share of each class (easiest first) trained at epoch 0")
     pad_add_end_epoch: int = _f(20, "pad schedule: epoch by which all of the data is in")
     pad_remove_epochs: list[int] = field(default_factory=lambda: [40, 60], metadata={
