@@ -42,3 +42,55 @@ def test_bench_refuses_unknown_rows_as_a_usage_error(args: list[str], capsys: py
     assert main(["bench", *args]) == 2
     err = capsys.readouterr().err
     assert "unknown" in err and "--what takes recover, relabel, views, train, loader" in err
+
+
+@pytest.mark.parametrize("resolution, factor", [(32, 1), (128, 2)])
+def test_bench_rded_and_cda_rows_are_measured_with_rded_forwards_counted(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], resolution: int, factor: int) -> None:
+    """recover/rded (images/s of the real worker over JPEGs it decodes), recover/rded-forwards (the worker's own
+    count: candidates x crops / IPC, the same on both sides) and recover/sre2l-cda (fixed crop scale against CDA's
+    schedule); factor auto: 1 below 128 px, 2 from it."""
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--what", "recover", "--methods", "rded,cda", "--resolution", str(resolution),
+               "--batch", "2", "--iterations", "2", "--rounds", "1", "--rded-candidates", "4", "--rded-crops", "2",
+               "--rded-ipc", "1", "--json", str(out)])
+    assert rc == 0
+    rows = {r["what"]: r for r in json.loads(out.read_text())}
+    assert list(rows) == ["recover/rded", "recover/rded-forwards", "recover/sre2l-cda"]
+    printed = capsys.readouterr().out
+    for r in rows.values():
+        assert set(r) == FIELDS and r["what"] in printed
+        assert r["baseline"] > 0 and r["optimized"] > 0 and r["peak_memory_bytes"] > 0
+        assert r["ratio"] == pytest.approx(r["optimized"] / r["baseline"], rel=0.01)
+    assert rows["recover/rded"]["unit"] == "images/s" and f"factor {factor}" in rows["recover/rded"]["note"]
+    forwards = rows["recover/rded-forwards"]
+    assert forwards["unit"] == "teacher forwards/image"
+    assert forwards["baseline"] == forwards["optimized"] == 4 * 2 / 1 and forwards["ratio"] == 1.0
+    assert rows["recover/sre2l-cda"]["unit"] == "image-iterations/s" and "CDA" in rows["recover/sre2l-cda"]["note"]
+
+
+def test_the_recover_cost_table_is_made_from_bench_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`benchmarks/recover_cost.py --from DIR` (whose table docs/benchmarks.md reports) turns `distill bench` rows into
+    seconds per image at the official schedules: SRe2L 1000 iterations at 32 px, CDA SRe2L's rate times its row's
+    ratio, RDED 1 / images per second, and ImageNet-1K projections."""
+    import importlib.util
+
+    assert main(["bench", "--what", "recover", "--methods", "sre2l,dwa,cda,rded", "--batch", "2", "--iterations", "2",
+                 "--rounds", "1", "--merge", "0", "--no-compile", "--rded-candidates", "4", "--rded-crops", "2",
+                 "--rded-ipc", "1", "--json", str(tmp_path / "recover32.json")]) == 0
+    rows = {r["what"]: r for r in json.loads((tmp_path / "recover32.json").read_text())}
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "recover_cost.py"
+    spec = importlib.util.spec_from_file_location("recover_cost", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)  # type: ignore[union-attr]
+    capsys.readouterr()
+    assert script.main(["--from", str(tmp_path)]) == 0
+    table = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("| ") and not line.startswith("| method")}
+    sre2l = 1000 / rows["recover/sre2l"]["optimized"]
+    assert float(table["sre2l"][0].replace(",", "")) == pytest.approx(sre2l, abs=0.051)
+    cda = sre2l / rows["recover/sre2l-cda"]["ratio"]
+    assert float(table["cda"][0].replace(",", "")) == pytest.approx(cda, abs=0.051)
+    assert float(table["rded"][0]) == pytest.approx(1 / rows["recover/rded"]["optimized"], abs=0.051)
+    assert float(table["dwa"][0].replace(",", "")) > 0 and table["dm"][0] == "-"  # no dm row in these
+    assert table["sre2l"][4] == "0.75" and table["rded"][4] == "0.31"  # the H200 projections

@@ -123,16 +123,35 @@ def test_every_recipe_loads_and_official_ones_name_their_differences(capsys):
         cfg = load_config(name)
         if name != "demo":
             assert recipe_differences(name), name
-        if name.startswith("cifar"):
+        if cfg.recover.method == "rded":  # RDED's scripts and validation/main.py, on every data set
+            r, t = cfg.recover.rded, cfg.train
+            assert (r.candidates, r.crops, r.factor) == (300, 5, 2 if name.startswith("imagenet") else 1), name
+            assert cfg.relabel.mode == "online" and cfg.data.mean == [0.485, 0.456, 0.406]
+            assert (t.epochs, t.temperature, t.loss_t2, t.mix, t.crop_scale_min) == (300, 20.0, False, "cutmix",
+                                                                                     1 / r.factor)
+            continue
+        if name.startswith("cifar"):  # SRe2L's and DWA's CIFAR code
             m = getattr(cfg.recover, cfg.recover.method)
             assert not m.crop and not m.flip  # the official CIFAR recover only rolls
             assert cfg.squeeze.epochs == 200 and cfg.train.epochs == 400 and cfg.train.temperature == 30.0
-        if name.startswith("tiny"):
+        if name.startswith("tiny"):  # SRe2L's Tiny-ImageNet trainer (DWA and CDA use its teachers too)
             assert cfg.data.mean == [0.4802, 0.4481, 0.3975] and cfg.train.loss_t2
+        if name.endswith("-cda"):  # CDA/README.md: cosine, milestone 1, 4000 iterations, batches of 100 classes
+            s = cfg.recover.sre2l
+            assert (cfg.recover.method, s.crop_schedule, s.cda_mode, s.cda_milestone) == ("sre2l", "cda", "cosine", 1)
+            assert s.iterations == 4000 and cfg.recover.classes_per_shard == 100 and s.crop_scale_min == 0.08
     assert load_config("tiny-imagenet-rn18-ipc50-sre2l").recover.sre2l.r_bn == 1.0  # SRe2L's Tiny recover script
     assert load_config("tiny-imagenet-rn18-ipc50-dwa").recover.classes_per_shard == 200
     assert load_config("cifar100-rn18-ipc10-dwa").data.mean == [0.5071, 0.4867, 0.4408]
     assert load_config("cifar100-rn18-ipc10-sre2l").data.mean == [0.4914, 0.4822, 0.4465]  # SRe2L's own choice
+    # RDED's argument.py: batch 50 at IPC 10 / 100 at IPC 50, doubled for 100 and 1000 classes; Tiny-ImageNet 100
+    batches = {n: load_config(n).train.batch_size for n in RECIPES if n.endswith("-rded")}
+    assert batches == {"imagenet1k-rn18-ipc10-rded": 100, "imagenet1k-rn18-ipc50-rded": 200,
+                       "tiny-imagenet-rn18-ipc10-rded": 100, "tiny-imagenet-rn18-ipc50-rded": 100,
+                       "cifar100-rn18-ipc10-rded": 100, "cifar10-rn18-ipc10-rded": 50}
+    tiny_cda = load_config("tiny-imagenet-rn18-ipc50-cda").recover.sre2l  # recover_cda_tiny.py via its README
+    assert (tiny_cda.lr, tiny_cda.r_bn, tiny_cda.jitter) == (0.4, 0.05, 4)
+    assert load_config("imagenet1k-rn18-ipc50-cda").recover.sre2l.lr == 0.25
     assert main(["recipes", "cifar10-rn18-ipc10-dwa"]) == 0
     out = capsys.readouterr().out
     assert "Differences from the official code:" in out and "CIFAR-10" in out

@@ -12,15 +12,20 @@ the median of each side), so the ratio holds on a loaded machine where the absol
 
 Rows (`what`, `unit`): recover/<method> image-iterations/s (images of a batch x iterations; DC/DSA: images x
 outer steps), recover/sre2l-merged (`--merge` batches one per forward against all in one forward,
-`recover.batches_per_forward`), relabel views/s (views rendered and put through the teacher), views views/s
-(one `F.interpolate` per view on the host against one batched call on the device, `train.views_on_device`),
+`recover.batches_per_forward`), recover/sre2l-cda (`--methods cda`: SRe2L's fixed crop scale against CDA's
+schedule, `recover.sre2l.crop_schedule=cda`), recover/rded images/s (one class: `--rded-candidates` JPEGs decoded,
+`--rded-crops` crops of each scored by the teacher, stitched into `--rded-ipc` images) and recover/rded-forwards
+(the teacher's forwards per image the worker counted, not timed), relabel views/s (views rendered and put
+through the teacher), views views/s (one `F.interpolate` per view on the host against one batched call on the
+device, `train.views_on_device`),
 train images/s (`--iterations`/4 batches: views rendered, student forward + backward + step under the KD loss;
 on CUDA the optimized side renders them on the device), loader/pil and loader/dali images/s over the bundled
 digits' shards. One-off costs (compilation) are timed apart (`setup_s`) and folded into `ratio_per_unit`: the
 ratio over one unit of `--unit-iterations` batch-iterations (default 1500, a demo recover unit: 300
 iterations x 5 batches) including them. Peak memory is CUDA's `max_memory_allocated` per row, or on CPU the
 process's peak RSS so far (a lifetime high-water mark, so an upper bound that never falls between rows).
-Inputs are random tensors of the real shapes: throughput does not depend on the values.
+Inputs are random tensors of the real shapes: throughput does not depend on the values (RDED's are smooth random
+JPEGs, decoded on every read as the real pool does; which crops win depends on the values, the work does not).
 """
 
 from __future__ import annotations
@@ -38,8 +43,10 @@ import torch
 from pipeline.commands.bench_rows import (
     RECOVER_METHODS,
     Row,
+    bench_recover_cda,
     bench_recover_matching,
     bench_recover_merged,
+    bench_recover_rded,
     bench_recover_synthesis,
     bench_teacher,
     make_row,
@@ -214,6 +221,12 @@ def parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=10, help="recover batch: one image per class of a unit")
     p.add_argument("--merge", type=int, default=5,
                    help="recover/sre2l-merged: batches in one forward against one per forward (0 or 1: no row)")
+    p.add_argument("--rded-candidates", type=int, default=300, help="recover/rded: real images scored (official 300)")
+    p.add_argument("--rded-crops", type=int, default=5, help="recover/rded: crops of each (official 5)")
+    p.add_argument("--rded-ipc", type=int, default=10,
+                   help="recover/rded: images made from them (candidates x crops / IPC = forwards per image)")
+    p.add_argument("--rded-source", default="auto",
+                   help="recover/rded: WxH of the JPEGs; auto = the resolution up to 64 px, else 500x375 (ImageNet)")
     p.add_argument("--student-batch", type=int, default=64, help="relabel / student / loader batch")
     p.add_argument("--iterations", type=int, default=20, help="timed iterations (batches) per call")
     p.add_argument("--rounds", type=int, default=3, help="alternating baseline / optimized calls per side")
@@ -245,12 +258,15 @@ def run_bench(a: argparse.Namespace, echo: Callable[[str], None] = print) -> lis
     echo(f"distill bench on {device} ({torch.get_num_threads() if device.type == 'cpu' else ''} threads -> "
          f"{a.threads}), {a.model} at {a.resolution} px, recover batch {a.batch}, student batch {a.student_batch}, "
          f"{a.iterations} iterations x {a.rounds} rounds per side")
-    echo(f"{'what':<16} {'unit':<19} {'baseline':>10} {'optimized':>10} {'ratio':>6} {'setup s':>8} "
+    echo(f"{'what':<21} {'unit':<22} {'baseline':>10} {'optimized':>10} {'ratio':>6} {'setup s':>8} "
          f"{'per unit':>8} {'peak MiB':>9}  note")
     with torch_threads(a.threads):
         jobs: list[Callable[[], Row | list[Row]]] = []
         if "recover" in what:
             for m in [m for m in a.methods.split(",") if m]:
+                if m in ("rded", "cda"):
+                    jobs.append(lambda fn=bench_recover_rded if m == "rded" else bench_recover_cda: fn(a, device))
+                    continue
                 fn = bench_recover_synthesis if m in ("sre2l", "dwa") else bench_recover_matching
                 jobs.append(lambda m=m, fn=fn: fn(m, a, device))
                 if m == "sre2l" and a.merge > 1:
@@ -281,7 +297,7 @@ def _fmt(r: Row) -> str:
         return "-" if v is None else format(v, spec)
 
     mib = "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.0f}"
-    return (f"{r.what:<16} {r.unit:<19} {num(r.baseline, '10.1f')} {num(r.optimized, '10.1f')} "
+    return (f"{r.what:<21} {r.unit:<22} {num(r.baseline, '10.1f')} {num(r.optimized, '10.1f')} "
             f"{num(r.ratio, '6.2f')} {r.setup_s:8.1f} {num(r.ratio_per_unit, '8.2f')} {mib:>9}  {r.note}")
 
 

@@ -1,6 +1,6 @@
 """The measuring half of `distill bench` (`pipeline.commands.bench`): a row's record, the alternating timer, a
 teacher with trained-looking BN statistics, and the recover rows (SRe2L / DWA synthesis, SRe2L's merged forward,
-the matching methods)."""
+SRe2L's CDA crop schedule, the matching methods, RDED)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-RECOVER_METHODS = ("sre2l", "dwa", "dm", "datadam", "dc", "dsa")
+RECOVER_METHODS = ("sre2l", "dwa", "dm", "datadam", "dc", "dsa", "rded", "cda")
 
 
 @dataclass
@@ -203,3 +203,121 @@ def bench_recover_matching(method: str, a: argparse.Namespace, device: torch.dev
         torch.cuda.reset_peak_memory_stats(device)
     b, o = timed_pair(*fns, a.rounds, device)
     return make_row(f"recover/{method}", "image-iterations/s", b, o, device, note=note)
+
+
+def bench_recover_cda(a: argparse.Namespace, device: torch.device) -> Row:
+    """SRe2L with its fixed crop scale (0.08-1) against CDA's cosine schedule (`recover.sre2l.crop_schedule=cda`,
+    milestone 1: from the whole image down to 0.08 over the iterations), both eager with the device's precision:
+    the schedule moves only the range each iteration's window is drawn from, so the ratio should be about 1."""
+    import dataclasses
+
+    from pipeline.methods.synthesis import RecoverParams, synthesize_batch
+
+    teacher = bench_teacher(a.model, a.classes, a.resolution, device)
+    cuda = device.type == "cuda"
+    amp = torch.bfloat16 if cuda else None
+    if cuda:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    n = a.batch
+    targets = torch.arange(n, device=device) % a.classes
+    init = torch.randn(n, 3, a.resolution, a.resolution, generator=torch.Generator().manual_seed(1)).to(device)
+    plain = RecoverParams(iterations=a.iterations, jitter=4 if a.resolution <= 64 else 32)
+    cda = dataclasses.replace(plain, crop_schedule="cda", cda_milestone=1.0, cda_mode="cosine", cda_scale_start=1.0)
+
+    def run(params: RecoverParams) -> float:
+        synthesize_batch(teacher, targets, init, params, torch.Generator().manual_seed(2), autocast_dtype=amp,
+                         channels_last=cuda)
+        return n * a.iterations
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    b, o = timed_pair(lambda: run(plain), lambda: run(cda), a.rounds, device)
+    return make_row("recover/sre2l-cda", "image-iterations/s", b, o, device,
+                    note="baseline: SRe2L's fixed crop scale 0.08-1; optimized: CDA's cosine schedule 1 -> 0.08 "
+                         f"(both eager{', bf16, channels_last' if cuda else ', fp32'})")
+
+
+class _JpegPool:
+    """The real pool's reading side for one class (`rows`, `decoded`), over JPEG bytes made here: smooth random
+    images (noise upsampled, so they compress about as photographs do) decoded on every read by the pipeline's own
+    `decode_rgb`, as `RealPool.decoded` does. Rows beyond the distinct images repeat them."""
+
+    def __init__(self, count: int, width: int, height: int, distinct: int = 24) -> None:
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        rng = np.random.default_rng(0)
+        self.count, self.blobs = count, []
+        for _ in range(min(count, distinct)):
+            small = rng.integers(0, 256, size=(max(1, height // 24), max(1, width // 24), 3), dtype=np.uint8)
+            img = Image.fromarray(small).resize((width, height), Image.Resampling.BILINEAR)
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=90)
+            self.blobs.append(buf.getvalue())
+
+    def rows(self, cls: int) -> list[int]:
+        return list(range(self.count))
+
+    def decoded(self, rows: list[int]) -> list:
+        from pipeline.data.synthetic import decode_rgb
+
+        return [decode_rgb(self.blobs[r % len(self.blobs)]) for r in rows]
+
+
+def rded_source_size(spec: str, resolution: int) -> tuple[int, int]:
+    """`--rded-source`: WxH, or auto = the data resolution at 64 px and below (CIFAR, Tiny-ImageNet and the digits
+    are stored at their size) and 500x375 above (a typical ImageNet JPEG)."""
+    if spec == "auto":
+        return (resolution, resolution) if resolution <= 64 else (500, 375)
+    w, _, h = spec.lower().partition("x")
+    return int(w), int(h)
+
+
+def bench_recover_rded(a: argparse.Namespace, device: torch.device) -> list[Row]:
+    """RDED's worker on one class: `--rded-candidates` JPEGs decoded, `--rded-crops` crops of each scored by the
+    teacher, the best kept and stitched into `--rded-ipc` images (factor auto: 2 from 128 px). Baseline: the
+    official shape (fp32, eager); optimized: the pipeline's defaults on the device (bf16 autocast and channels_last
+    on CUDA; on CPU nothing changes, so both sides are the same code). Two rows: images/s, and the teacher's
+    forwards per image counted by the worker (candidates x crops / IPC), which is the same on both sides."""
+    from pipeline.methods.env import RecoverEnv
+    from pipeline.methods.rded import RdedConfig, RdedWorker
+
+    cuda = device.type == "cuda"
+    width, height = rded_source_size(a.rded_source, a.resolution)
+    pool = _JpegPool(a.rded_candidates, width, height)
+    cfg = RdedConfig(candidates=a.rded_candidates, crops=a.rded_crops)
+    ipc = a.rded_ipc
+    metrics: dict = {}
+
+    def worker(fast: bool) -> RdedWorker:
+        teacher = bench_teacher(a.model, a.classes, a.resolution, device)
+        if fast and cuda:
+            teacher = teacher.to(memory_format=torch.channels_last)
+        env = RecoverEnv(seed=0, device=device, resolution=a.resolution, mean=(0.485, 0.456, 0.406),
+                         std=(0.229, 0.224, 0.225), init="real", amp=torch.bfloat16 if fast and cuda else None,
+                         channels_last=fast and cuda, teacher=teacher, real=pool)  # type: ignore[arg-type]
+        return RdedWorker(env, cfg)
+
+    plain, fast = worker(False), worker(True)
+
+    def run(w: RdedWorker) -> float:
+        out = w.run(range(1), range(ipc), torch.Generator().manual_seed(3), "bench")
+        metrics.update(out.metrics)
+        return len(out.images)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    b, o = timed_pair(lambda: run(plain), lambda: run(fast), a.rounds, device)
+    shape = (f"{a.rded_candidates} candidates of {width}x{height} x {a.rded_crops} crops, IPC {ipc}, factor "
+             f"{metrics['factor']}")
+    images = make_row("recover/rded", "images/s", b, o, device,
+                      note=f"{shape}; decode {metrics['decode_seconds']:.2f} s, crop {metrics['crop_seconds']:.2f} s, "
+                           f"score {metrics['score_seconds']:.2f} s in the last call; optimized: " +
+                           ("bf16, channels_last" if cuda else "no speed feature on CPU: both sides are the same code"))
+    images.baseline, images.optimized = round(b, 4), round(o, 4)  # under 1 image/s at 224 px on a CPU
+    per = float(metrics["teacher_forwards_per_image"])
+    forwards = Row("recover/rded-forwards", "teacher forwards/image", per, per, 1.0, peak_memory(device),
+                   note=f"counted by the worker (candidates x crops / IPC), not timed; {shape}")
+    return [images, forwards]

@@ -216,6 +216,117 @@ def _cifar(classes: int, method: str, ipc: int) -> Callable[[], Config]:
     return make
 
 
+# RDED (https://github.com/LINs-lab/RDED at 3f6453d): scripts/*_cr5.sh, argument.py, validation/main.py.
+RDED_DIFFERENCES = (
+    "synthetic images are saved as lossless PNG (official: JPEG at PIL's default quality 75, pixels truncated)",
+    "the student's final-epoch val accuracy is reported (official RDED reports the best of its evaluations every 10 "
+    "epochs after 80 % of them, which selects on the test set)",
+    "the student's lr cosine decays to 0 (official LambdaLR 0.5 (1 + cos(pi e / 2E)) ends at half the lr)",
+    "the crop windows are drawn from the unit's torch generator (official: torchvision's RandomResizedCrop on the "
+    "global RNG), and the candidates are a seeded permutation of the class (official: random.shuffle)",
+)
+
+
+def _describe_rded(make: Callable[[], Config], summary: str, specific: list[str]) -> None:
+    """`_describe` for the RDED recipes, whose shared differences are RDED's (not SRe2L / DWA's)."""
+    diffs = [*RDED_DIFFERENCES, *specific]
+    make.summary = summary  # type: ignore[attr-defined]
+    make.differences = diffs  # type: ignore[attr-defined]
+    make.__doc__ = summary + "\n\nDifferences from the official code:\n" + "\n".join(f"- {d}" for d in diffs)
+
+
+def _rded_student(cfg: Config, arch: str, batch_size: int, factor: int) -> None:
+    """RDED's student (validation/main.py): the teacher labels every augmented, CutMix-ed batch online; KL at T 20
+    without T^2, AdamW lr 1e-3 (resnet18 / resnet18_modified), wd 0.01 on weight matrices only, 300 epochs; views
+    RandomResizedCrop(R, scale (1 / factor, 1)) + flip."""
+    cfg.recover.method, cfg.recover.rded.candidates, cfg.recover.rded.crops = "rded", 300, 5
+    cfg.recover.rded.factor = factor  # the scripts' --factor
+    cfg.relabel.mode, cfg.relabel.top_k = "online", 0
+    t = cfg.train
+    t.arch, t.epochs, t.batch_size, t.temperature, t.loss_t2 = arch, 300, batch_size, 20.0, False
+    t.optimizer, t.lr, t.weight_decay, t.decay_1d, t.warmup_epochs = "adamw", 1e-3, 0.01, False, 0
+    t.mix, t.mix_alpha, t.crop_scale_min = "cutmix", 1.0, 1.0 / factor
+
+
+def _imagenet_rded(ipc: int) -> Callable[[], Config]:
+    def make() -> Config:
+        cfg = Config()
+        d = cfg.data
+        d.dataset, d.resolution, d.shard_size, d.num_workers = "imagenet-1k", 224, 1000, 8
+        cfg.squeeze.arch, cfg.squeeze.weights = "resnet18", "ResNet18_Weights.IMAGENET1K_V1"  # pretrained=True
+        cfg.recover.ipc, cfg.recover.classes_per_shard, cfg.recover.ipc_per_unit = ipc, 100, ipc
+        # argument.py: re_batch_size 50 at IPC 10, 100 at IPC 50, doubled for 1000 classes
+        _rded_student(cfg, "resnet18", 100 if ipc == 10 else 200, factor=2)
+        cfg.eval.every = 50
+        cfg.eval.baselines = ["random-real"]  # the full-real reference holds the train split in memory
+        return cfg
+
+    diffs = ["the student's views do not shuffle the stitched image's patches (official ShufflePatches(factor) "
+             "before the crop)"]
+    if ipc == 50:
+        diffs.append("RDED has no ImageNet-1K IPC 50 script: this keeps the IPC 10 script's 300 candidates x 5 "
+                     "crops (argparse defaults would be --mipc 600 --num-crop 1) and argument.py's batch for IPC 50 "
+                     "and 1000 classes (200)")
+    _describe_rded(make, f"ImageNet-1K, ResNet-18 teacher (torchvision weights) and student, rded IPC {ipc}, 224 px "
+                         "(2 x 2 patches of 112 px).", diffs)
+    return make
+
+
+def _small_rded(dataset: str, ipc: int) -> Callable[[], Config]:
+    """RDED's Tiny-ImageNet and CIFAR scripts (resnet18_modified teacher and student, factor 1); ImageNet's mean
+    and std throughout, as RDED normalizes every data set."""
+    classes = {"tiny-imagenet": 200, "cifar-100": 100, "cifar-10": 10}[dataset]
+
+    def make() -> Config:
+        cfg = Config()
+        d = cfg.data
+        d.dataset, d.resolution, d.shard_size = dataset, 64 if dataset == "tiny-imagenet" else 32, 1000
+        sq = cfg.squeeze  # RDED's README: its observer models are trained "following SRe2L" (code not published)
+        if dataset == "tiny-imagenet":  # zeyuanyin/tiny-imagenet train_rn18.sh, SRe2L's Tiny teacher
+            sq.arch, sq.weights, sq.epochs, sq.batch_size, sq.optimizer = "resnet18", "", 50, 256, "sgd"
+            sq.lr, sq.weight_decay, sq.warmup_epochs = 0.2, 1e-4, 5
+        else:  # SRe2L's squeeze_cifar*.py
+            sq.arch, sq.weights, sq.epochs, sq.batch_size, sq.optimizer = "resnet18", "", 200, 128, "sgd"
+            sq.lr, sq.weight_decay, sq.warmup_epochs = 0.1, 5e-4, 0
+        r = cfg.recover
+        r.ipc, r.classes_per_shard, r.ipc_per_unit = ipc, min(100, classes), ipc
+        # argument.py: 50 at IPC 10 / 100 at IPC 50, doubled for 100 classes; Tiny-ImageNet always 100
+        batch = 100 if dataset == "tiny-imagenet" else (50 if ipc == 10 else 100) * (2 if classes == 100 else 1)
+        _rded_student(cfg, "resnet18", batch, factor=1)
+        cfg.eval.every = 50
+        return cfg
+
+    diffs = ["the teacher is trained here (" + ("the Tiny-ImageNet trainer's recipe, 50 epochs, pad-4 crop + flip"
+             if dataset == "tiny-imagenet" else "SRe2L's CIFAR squeeze settings, 200 epochs") + "): RDED loads its "
+             "own checkpoint, whose training code is not published, and feeds it ImageNet-normalized images, as here"]
+    if dataset == "tiny-imagenet":
+        diffs.append("val images are evaluated at 64 px as they are (official: Resize(72) + CenterCrop(64))")
+    name = {"tiny-imagenet": "Tiny-ImageNet (200 classes, 64 px)", "cifar-100": "CIFAR-100 (32 px)",
+            "cifar-10": "CIFAR-10 (32 px)"}[dataset]
+    _describe_rded(make, f"{name}, ResNet-18 (small-image stem), rded IPC {ipc}, one crop per image (factor 1).",
+                   diffs)
+    return make
+
+
+# CDA (CDA/README.md and recover_cda_*.py of https://github.com/VILA-Lab/SRe2L at 8d00cba): SRe2L with the cosine
+# crop curriculum, milestone 1; "We follow SRe2L relabeling".
+def _cda(base: Callable[[], Config], **recover: object) -> Callable[[], Config]:
+    def make() -> Config:
+        cfg = base()
+        s = cfg.recover.sre2l
+        s.crop_schedule, s.cda_milestone, s.cda_mode, s.cda_scale_start = "cda", 1.0, "cosine", 1.0
+        _synthesis(cfg, ("sre2l",), **recover)
+        return cfg
+
+    base_diffs = [d for d in base.differences if d not in COMMON_DIFFERENCES  # type: ignore[attr-defined]
+                  and "recover_tiny.py" not in d]  # CDA's Tiny recover rolls one-sided, as here
+    diffs = ["the crop schedule's area range is drawn from the unit's torch generator like every SRe2L crop "
+             "(official: torchvision's RandomResizedCrop on the global RNG)", *base_diffs]
+    summary = base.summary.replace("sre2l", "SRe2L + CDA (cosine crop curriculum, milestone 1)")  # type: ignore
+    _describe(make, summary, "sre2l", diffs)
+    return make
+
+
 RECIPES: dict[str, Callable[[], Config]] = {"demo": _demo}
 for _m in ("dwa", "sre2l"):
     for _ipc in (10, 50, 100):
@@ -225,6 +336,15 @@ for _m in ("dwa", "sre2l"):
     for _ipc in (10, 50):
         RECIPES[f"cifar100-rn18-ipc{_ipc}-{_m}"] = _cifar(100, _m, _ipc)
         RECIPES[f"cifar10-rn18-ipc{_ipc}-{_m}"] = _cifar(10, _m, _ipc)
+for _ipc in (10, 50):  # RDED's scripts: ImageNet-1K IPC 10 (IPC 50: see its differences), Tiny-ImageNet IPC 10 / 50
+    RECIPES[f"imagenet1k-rn18-ipc{_ipc}-rded"] = _imagenet_rded(_ipc)
+    RECIPES[f"tiny-imagenet-rn18-ipc{_ipc}-rded"] = _small_rded("tiny-imagenet", _ipc)
+RECIPES["cifar100-rn18-ipc10-rded"] = _small_rded("cifar-100", 10)  # its CIFAR scripts are IPC 10 only
+RECIPES["cifar10-rn18-ipc10-rded"] = _small_rded("cifar-10", 10)
+# CDA's README commands: ImageNet-1K and Tiny-ImageNet, IPC 50
+RECIPES["imagenet1k-rn18-ipc50-cda"] = _cda(RECIPES["imagenet1k-rn18-ipc50-sre2l"])
+RECIPES["tiny-imagenet-rn18-ipc50-cda"] = _cda(RECIPES["tiny-imagenet-rn18-ipc50-sre2l"], lr=0.4, r_bn=0.05,
+                                               iterations=4000, jitter=4)
 
 
 def get_recipe(name: str) -> Config:

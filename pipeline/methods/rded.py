@@ -8,8 +8,8 @@ factor x factor into IPC images at the data resolution: image j holds, in row-ma
 j, IPC + j, 2 IPC + j, ... (the official `mix_images`). factor 2 at 224 px (the official ImageNet scripts),
 1 on CIFAR and Tiny-ImageNet (their scripts): the patch is then a whole image, scored as it is.
 
-Every random choice (which candidates, every crop window) comes from the unit's generator, so a unit's images are
-the same bytes on CPU on every rerun. RDED stores no labels: the relabel stage gives the teacher's soft labels on
+Every random choice (which candidates, every crop window) comes from a generator keyed by (run seed, "rded", class),
+so a class's images are the same bytes on CPU on every rerun, whatever the split into units. RDED stores no labels: the relabel stage gives the teacher's soft labels on
 the stitched images (the official code labels each augmented, CutMix-ed image online; it has no per-patch labels).
 
 Differences from the official code: the crop windows are drawn by the project's RandomResizedCrop sampler from a
@@ -166,8 +166,10 @@ class RdedWorker:
         out = MethodOutput(metrics={"image_iterations": 0})
         scored, short, kept_ce = 0, [], []
         times = {"decode_seconds": 0.0, "crop_seconds": 0.0, "score_seconds": 0.0}
-        for cls in classes:
-            images, ran_short, ce, n = self._class(cls, ipc.stop, factor, gen, times)
+        from pipeline.core.seeding import generator
+
+        for cls in classes:  # each class from its own generator: any split into units picks the same patches
+            images, ran_short, ce, n = self._class(cls, ipc.stop, factor, generator(env.seed, "rded", cls), times)
             out.add(images[ipc.start:ipc.stop], [cls] * len(ipc), list(ipc))
             scored += n
             kept_ce.append(ce)
