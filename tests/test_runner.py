@@ -128,7 +128,8 @@ def test_the_hash_chain_carries_upstream_changes_downstream() -> None:
 
 
 def test_stage_order_is_derived_from_depends_on() -> None:
-    assert stage_order() == ("ingest", "squeeze", "recover", "relabel", "train", "baseline", "evaluate")
+    assert stage_order() == ("ingest", "squeeze", "difficulty", "experts", "recover", "relabel", "train", "baseline",
+                             "evaluate")
     assert GRAPH.names == ("up", "down")
     assert GRAPH.select(["down", "up"]) == ["up", "down"] and GRAPH.select(None) == ["up", "down"]
     with pytest.raises(ConfigError, match="unknown stage.*sideways.*stages are up, down"):

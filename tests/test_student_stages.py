@@ -396,8 +396,8 @@ def test_full_fast_pipeline_summary_and_online_mode(relabeled_run: Path, tmp_pat
     assert summary["cells"][0]["top1"] == summary["top1"] and 0.0 <= summary["holdout_top1"] <= 100.0
     assert summary["baselines"] == {} and summary["cost"]["device"] == "cpu" and summary["cost"]["device_hours"] > 0
     assert summary["epochs"] == 2 and summary["relabel_mode"] == "stored" and summary["seed"] == cfg.seed
-    stages = ("ingest", "squeeze", "recover", "relabel", "train", "baseline", "evaluate")
-    assert set(summary["wall_s"]) == set(stages)
+    stages = ("ingest", "squeeze", "difficulty", "experts", "recover", "relabel", "train", "baseline", "evaluate")
+    assert set(summary["wall_s"]) == set(stages)  # difficulty and experts: 0 units for this method
     assert all(isinstance(summary["wall_s"][s], (int, float)) and summary["wall_s"][s] >= 0 for s in stages)
     assert summary["protocol"]["epochs"] == 2 and summary["protocol"]["relabel_mode"] == "stored"
     relabel = ctx.store.load("relabel", "_stage").metrics
