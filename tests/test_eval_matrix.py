@@ -194,3 +194,20 @@ def test_fairness_metrics_from_known_accuracies():
     assert rows[("hard", "convnet")]["ior"] == pytest.approx(-0.05)
     lenet = rows[("kd", "lenet")]
     assert lenet["random_top1"] is None and lenet["ior"] is None and lenet["hlr"] is None and lenet["lrs"] is None
+
+
+@pytest.mark.parametrize(("method", "augment"), [("dm", "dsa"), ("mtt", "dsa"), ("dwa", "auto"), ("herding", "auto")])
+def test_the_random_real_baseline_trains_its_hard_students_as_the_methods(tmp_path, method, augment):
+    """Random real images under the same protocol: a DSA-evaluated method's baseline gets DSA too (with the method's
+    strategy); for the others random-real's own `auto` already is the same, and the config (and its hash) is kept."""
+    from pipeline.run.base import RunContext
+    from pipeline.run.stages.baseline import random_real_config
+
+    cfg = fast_config(f"recover.method={method}")
+    child = random_real_config(RunContext(run_dir=tmp_path, config=cfg, run_id="t"))
+    assert child.recover.method == "random-real" and child.eval.baselines == []
+    assert child.train.hard_augment == augment
+    if augment == "dsa":
+        assert child.train.hard_dsa_strategy == "color_crop_cutout_scale_rotate"  # the demo's digits strategy
+    else:
+        assert child.train == cfg.train

@@ -46,10 +46,18 @@ def baseline_root(ctx: RunContext) -> Path:
 
 
 def random_real_config(ctx: RunContext) -> Any:
-    """This run's config with recover.method = random-real and no baselines of its own."""
+    """This run's config with recover.method = random-real and no baselines of its own. Its hard-label students get
+    the augmentation the method's own get (`train.hard_augment=auto` resolved for the method, and its DSA strategy):
+    random real images under the same protocol, not under random-real's `auto` (none)."""
+    from pipeline.run.stages.train import hard_spec
+
     cfg = ctx.config
+    train = cfg.train
+    spec = hard_spec(ctx, from_set=False)
+    if cfg.train.hard_augment == "auto" and spec.dsa_strategy:  # else random-real's own auto (none) is the same
+        train = dataclasses.replace(train, hard_augment="dsa", hard_dsa_strategy=spec.dsa_strategy)
     return dataclasses.replace(cfg, recover=dataclasses.replace(cfg.recover, method=RANDOM_REAL),
-                               eval=dataclasses.replace(cfg.eval, baselines=[]))
+                               eval=dataclasses.replace(cfg.eval, baselines=[]), train=train)
 
 
 def random_real_dir(ctx: RunContext) -> Path:
