@@ -41,6 +41,7 @@ PAD_ROWS = {1: (2, 4, 0, 0, 100.0, 1e-7, 5.0, 1.1, 0.0), 10: (2, 20, 10, 1000, 1
 PAD_KEYS = ("expert_epochs", "max_start_epoch", "start_upper", "start_growth_iterations", "lr_img", "lr_lr", "lr_label",
             "loss_threshold", "mask_ratio")
 MASK_CHOICES = ("loss-ratio", "deep-layers", "none")
+MINUS_ONE_AUTO = ("start_upper", "start_growth_iterations", "mask_ratio")
 
 
 @dataclass
@@ -98,10 +99,9 @@ class PadConfig:
 
     def resolved(self, ipc: int) -> dict[str, Any]:
         row = dict(zip(PAD_KEYS, PAD_ROWS[official_row(ipc)], strict=True))
-        out = {k: (v if getattr(self, k) in (0, 0.0, -1, -1.0) else getattr(self, k)) for k, v in row.items()}
-        for k in ("start_upper", "start_growth_iterations", "mask_ratio"):  # 0 is a value here: only -1 is auto
-            if getattr(self, k) != -1:
-                out[k] = getattr(self, k)
+        # auto is -1 for the keys where 0 is a value, 0 for the others
+        out = {k: v if getattr(self, k) == (-1 if k in MINUS_ONE_AUTO else 0) else getattr(self, k)
+               for k, v in row.items()}
         return {**out, "syn_steps": self.syn_steps, "lr_teacher": self.lr_teacher,
                 "min_start_epoch": self.min_start_epoch}
 
