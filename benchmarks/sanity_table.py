@@ -147,13 +147,14 @@ def main(argv: list[str] | None = None) -> int:
                         "on a GPU: --set recover.dm.iterations=20000 --set recover.dm.batch_real=256; such runs get "
                         "their own run directories and table rows")
     p.add_argument("--protocol", default="hard",
-                   help="student protocol(s): hard, own (the set's learned labels, DATM / PAD; one-hot without), or "
-                        "hard,own (one recover, both students: a row each)")
+                   help="student protocol(s), comma-separated: hard, own (the set's learned labels, DATM / PAD; "
+                        "one-hot without), kd (the teacher's soft labels, as SRe2L, DWA and RDED evaluate); several "
+                        "(e.g. kd,hard) = one recover, a student of each: a row each")
     p.add_argument("--out", default=None, help="also write the markdown table here")
     p.add_argument("--report", action="store_true", help="only print the table of the results so far")
     args = p.parse_args(argv)
-    if not args.protocol or any(x not in ("hard", "own") for x in args.protocol.split(",")):
-        p.error(f"--protocol: hard, own or hard,own, got {args.protocol!r}")
+    if not args.protocol or any(x not in ("hard", "own", "kd") for x in args.protocol.split(",")):
+        p.error(f"--protocol: hard, own, kd or a comma-separated list of them, got {args.protocol!r}")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     methods, ipcs = args.methods.split(","), [int(i) for i in args.ipcs.split(",")]

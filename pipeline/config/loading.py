@@ -307,6 +307,10 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"config key '{dotted}' must be >= 0, got {value}")
     if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
         raise ConfigError(f"config key 'data.max_bad_fraction' must be in [0, 1], got {cfg.data.max_bad_fraction}")
+    from pipeline.data.sources import FORMATS
+
+    if cfg.data.format not in FORMATS:
+        raise ConfigError(f"config key 'data.format' must be one of {', '.join(FORMATS)}, got {cfg.data.format!r}")
     for key in ("mean", "std"):
         values = getattr(cfg.data, key)
         if len(values) != 3 or not all(math.isfinite(v) for v in values):

@@ -55,8 +55,12 @@ def _by_name(default: tuple[float, ...], doc: str) -> Any:
 class DataConfig:
     """Real data and ingest."""
 
-    source: str = _f("demo", "'demo' (the bundled scikit-learn digits) or a folder with train/<class>/* and "
-                     "val/<class>/*")
+    source: str = _f("demo", "'demo' (the bundled scikit-learn digits) or a data folder in one of the data.format "
+                     "layouts")
+    format: str = _since("auto", "layout of data.source: imagefolder (train/<class>/*, val/<class>/*) | ilsvrc "
+                         "(ILSVRC/Data/CLS-LOC/ + LOC_val_solution.csv, Kaggle) | webdataset (*train*.tar / *val*.tar "
+                         "with .cls) | parquet (Hugging Face *train*.parquet / *validation*.parquet) | auto (detected "
+                         "from the folder; see docs/data.md 'Bringing ImageNet')")
     dataset: str = _f("demo", "name of the data set in results tables")
     resolution: int = _f(32, "side in pixels of the square images every model sees")
     shard_size: int = _f(256, "samples per WebDataset shard")
