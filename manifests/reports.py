@@ -44,6 +44,13 @@ def _link(target: Path, base: Path | None) -> str:
         return str(target.resolve())
 
 
+def grid_label(stem: str, names: Sequence[str]) -> str:
+    """A grid's link text: `class-0007` -> `class-0007 (tench)` where the run's summary names its classes."""
+    if stem.startswith("class-") and stem[6:].isdigit() and int(stem[6:]) < len(names):
+        return f"{stem} ({names[int(stem[6:])]})"
+    return stem
+
+
 def format_markdown(
     rows: Sequence[dict[str, Any]], runs: Sequence[RunResult] = (), problems: Sequence[str] = (),
     link_base: Path | None = None,
@@ -80,7 +87,9 @@ def format_markdown(
         lines += ["## Runs", "", "| run | dataset | method | IPC | seed | top-1 | top-5 | image grids |",
                   "|---|---|---|---:|---:|---:|---:|---|"]
         for run in sorted(runs, key=lambda r: (r.group, r.seed, str(r.run_dir))):
-            grids = " ".join(f"[{g.stem}]({_link(g, link_base)})" for g in run.grids if g.exists()) or "-"
+            names = run.summary.get("class_names") or []
+            grids = " ".join(f"[{_md_escape(grid_label(g.stem, names))}]({_link(g, link_base)})" for g in run.grids
+                             if g.exists()) or "-"
             top5 = "-" if run.top5 is None else f"{run.top5:.2f}"
             lines.append(f"| [{_md_escape(run.run_dir.name)}]({_link(run.run_dir, link_base)}) | "
                          f"{_md_escape(run.dataset)} | {_md_escape(run.method)} | {run.ipc} | {run.seed} | "

@@ -251,3 +251,22 @@ def test_a_changed_shard_file_is_named_and_missing_pieces_are_clear(reference, t
         detect(tmp_path / "empty")
     with pytest.raises(ConfigError, match="data.format"):
         load_config("demo", overrides=["data.format=zip"])
+
+
+def test_a_parquet_source_runs_every_stage_and_its_names_reach_the_grids_summary_and_collect(reference, tmp_path,
+                                                                                            capsys):
+    from manifests.collect import collect_main
+    from pipeline.commands.report import format_summary
+    from tests.helpers import fast_config
+
+    data = make_parquet(reference[0], tmp_path / "pq")
+    cfg = fast_config(f"data.source={data}", "data.shard_size=5", "recover.classes_per_shard=3", "squeeze.batch_size=8")
+    ctx = run_pipeline(cfg, tmp_path / "run", progress=False)
+    summary = json.loads(ctx.path("results", "summary.json").read_text())
+    assert summary["class_names"] == NAMES and summary["num_classes"] == 3
+    assert "classes: tench, goldfish, great white shark" in format_summary(summary)
+    overview = Image.open(ctx.path("results", "grids", "overview.png"))
+    plain = Image.open(ctx.path("results", "grids", "class-0000.png"))
+    assert overview.width > plain.width * max(1, 256 // plain.height)  # the names' column
+    assert collect_main([str(ctx.run_dir)]) == 0
+    assert "class-0002 (great white shark)" in capsys.readouterr().out

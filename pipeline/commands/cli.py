@@ -49,8 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--config", help="YAML file with sections seed/data/squeeze/recover/relabel/train/eval/executor "
                      "(an optional top-level `recipe:` names the base)")
     r.add_argument("--run-dir", default=None, help="run directory (default: runs/<recipe>)")
-    r.add_argument("--data-dir", default=None, help="ImageNet-layout folder (train/<class>/*, val/<class>/*); "
-                   "default: the recipe's data.source (demo = bundled digits)")
+    r.add_argument("--data-dir", default=None, help="the real data: a folder of train/<class>/* and "
+                   "val/<class>/*, an ILSVRC / Kaggle ImageNet download, WebDataset *.tar shards or Hugging Face "
+                   "*.parquet files (data.format=auto detects which); default: the recipe's data.source (demo = "
+                   "bundled digits)")
     r.add_argument("--stages", default=None, help=f"comma-separated subset of {','.join(stage_order())} "
                    "(default: all; they run in this order)")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

@@ -5,6 +5,9 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
+CLASS_NAMES_SHOWN = 5
+"""Class names the terminal summary prints (the first ones, in class-index order)."""
+
 
 def _pct(v: Any) -> str:
     return "-" if v is None else f"{v:.2f}%"
@@ -50,6 +53,10 @@ def format_summary(s: dict[str, Any]) -> str:
         f"{s['dataset']}: {s['method']} IPC {s['ipc']} ({s['num_images']} images, {s['num_classes']} classes); "
         f"teacher {s['teacher']}: top-1 {_pct(s.get('teacher_top1'))}",
     ]
+    names = s.get("class_names") or []
+    if names:
+        lines.append(f"  classes: {', '.join(names[:CLASS_NAMES_SHOWN])}"
+                     + (f", ... ({len(names)})" if len(names) > CLASS_NAMES_SHOWN else ""))
     protocols = s.get("protocols") or {(s.get("protocol") or {}).get("name", "kd"): s.get("protocol") or {}}
     lines += [_protocol_line(name, p) for name, p in protocols.items()]
     cells = s.get("cells") or [{"protocol": (s.get("protocol") or {}).get("name", "kd"), "student": s["student"],

@@ -75,8 +75,13 @@ def resolve_format(fmt: str, root: str | Path) -> str:
             raise ConfigError(f"data.format={fmt!r}: expected one of {', '.join(FORMATS)}")
         return fmt
     found, why = detect(root)
-    log.info("data.format=auto: %s in %s: reading it as %s", why, root, found)
+    if (str(root), found) not in _SAID:
+        _SAID.add((str(root), found))
+        log.info("data.format=auto: %s in %s: reading it as %s", why, root, found)
     return found
+
+
+_SAID: set[tuple[str, str]] = set()
 
 
 def open_source(fmt: str, root: str | Path) -> Source:

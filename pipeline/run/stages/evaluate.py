@@ -141,7 +141,8 @@ class EvaluateWorker:
 
         summary = {
             "run_id": ctx.run_id, "dataset": c.data.dataset, "method": c.recover.method, "ipc": c.recover.ipc,
-            "num_classes": real_meta(ctx)["num_classes"], "num_images": train.metrics.get("num_images") if train else None,
+            "num_classes": real_meta(ctx)["num_classes"],
+            "class_names": real_meta(ctx).get("class_names") or real_meta(ctx)["classes"], "num_images": train.metrics.get("num_images") if train else None,
             "teacher": c.squeeze.arch, "student": primary["student"],
             "teacher_top1": squeeze.metrics.get("teacher_top1") if squeeze else None,
             "top1": primary["top1"], "top5": primary["top5"], "val_images": primary["val_images"],

@@ -326,10 +326,27 @@ def write_grids(ctx: RunContext, max_cols: int = 10) -> list[str]:
         grid = Image.fromarray(canvas)
         if scale > 1:
             grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+        names = real_meta(ctx).get("class_names")
+        if names:
+            grid = label_rows(grid, [names[c] for c in sorted(by_class)[:len(first_rows)]])
         path = out_dir / "overview.png"
         _save_png(grid, path)
         written.insert(0, str(path.relative_to(ctx.run_dir)))
     return written
+
+
+def label_rows(grid: Any, labels: list[str], width: int = 160) -> Any:
+    """The grid with a white column on its left holding each row's label (a class name, cut to fit)."""
+    from PIL import Image, ImageDraw
+
+    out = Image.new("RGB", (grid.width + width, grid.height), "white")
+    out.paste(grid, (width, 0))
+    draw, row_h = ImageDraw.Draw(out), grid.height / max(len(labels), 1)
+    for i, text in enumerate(labels):
+        while text and draw.textlength(text) > width - 8:
+            text = text[:-1]
+        draw.text((4, int(i * row_h + row_h / 2) - 5), text, fill="black")
+    return out
 
 
 def _save_png(img: Any, path: Path) -> None:
