@@ -270,3 +270,14 @@ def test_a_parquet_source_runs_every_stage_and_its_names_reach_the_grids_summary
     assert overview.width > plain.width * max(1, 256 // plain.height)  # the names' column
     assert collect_main([str(ctx.run_dir)]) == 0
     assert "class-0002 (great white shark)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt", ["ilsvrc", "webdataset", "parquet"])
+def test_the_imagenet_recipe_ingests_each_layout_from_the_command_line(reference, tmp_path, fmt):
+    maker = {"ilsvrc": make_ilsvrc, "webdataset": make_wds, "parquet": make_parquet}[fmt]
+    data = maker(reference[0], tmp_path / fmt)
+    run_dir = tmp_path / "run"
+    assert main(["run", "--recipe", "imagenet1k-rn18-ipc10-dwa", "--data-dir", str(data), "--run-dir", str(run_dir),
+                 "--stages", "ingest", "--no-progress", "--set", "executor.kind=local"]) == 0
+    meta = json.loads((run_dir / "real" / "classes.json").read_text())
+    assert meta["format"] == fmt and meta["counts"] == reference[2]["counts"] and meta["dataset"] == "imagenet-1k"
