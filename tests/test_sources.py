@@ -281,3 +281,16 @@ def test_the_imagenet_recipe_ingests_each_layout_from_the_command_line(reference
                  "--stages", "ingest", "--no-progress", "--set", "executor.kind=local"]) == 0
     meta = json.loads((run_dir / "real" / "classes.json").read_text())
     assert meta["format"] == fmt and meta["counts"] == reference[2]["counts"] and meta["dataset"] == "imagenet-1k"
+
+
+def test_shard_files_take_their_split_from_their_name_or_folder(tmp_path):
+    from pipeline.data.sources.base import files_matching
+
+    for rel in ("data/train-00000-of-00002.parquet", "data/validation-00000-of-00001.parquet", "data/test-0.parquet",
+                "train/part-0.parquet", "val/part-0.parquet", "other/val/part-1.parquet", "other/part-2.parquet"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    found = {s: [str(p.relative_to(tmp_path)) for p in v] for s, v in files_matching(tmp_path, ".parquet").items()}
+    assert found == {"train": ["data/train-00000-of-00002.parquet", "train/part-0.parquet"],
+                     "val": ["data/validation-00000-of-00001.parquet", "other/val/part-1.parquet", "val/part-0.parquet"]}
+    assert detect(tmp_path) == ("parquet", "*.parquet files")  # train/ and val/ hold no class folders

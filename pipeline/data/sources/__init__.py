@@ -56,12 +56,15 @@ def detect(root: str | Path) -> tuple[str, str]:
         return "ilsvrc", f"{CLS_LOC}/"
     if (root / VAL_CSV).is_file() and (root / "train").is_dir():
         return "ilsvrc", f"train/ and {VAL_CSV}"
-    if (root / "train").is_dir() or (root / "val").is_dir():
-        return "imagefolder", "train/ or val/ folders"  # what it lacks is said by the ImageFolder listing
+    splits = [root / s for s in ("train", "val") if (root / s).is_dir()]
+    if any(e.is_dir() for d in splits for e in d.iterdir()):
+        return "imagefolder", "class folders in train/ or val/"
     if _has(root, ".parquet"):
         return "parquet", "*.parquet files"
     if _has(root, ".tar"):
         return "webdataset", "*.tar shards"
+    if splits:
+        return "imagefolder", "train/ or val/ folders"  # what they lack is said by the ImageFolder listing
     raise ConfigError(f"{root}: data.format=auto found none of the layouts it reads: train/<class>/ and val/<class>/ "
                       f"(imagefolder), {CLS_LOC}/ or {VAL_CSV} (ilsvrc), *.tar shards (webdataset), *.parquet "
                       "files (parquet); name the format with data.format=... or point data.source at the folder "

@@ -144,17 +144,23 @@ def finish_fingerprint(root: Path, fmt: str, classes: list[str], splits: dict[st
     return fp
 
 
+def split_of(name: str) -> str | None:
+    """The split a file or folder name says: `train` -> train, `validation` / `valid` / `val` -> val, else None."""
+    low = name.lower()
+    return "train" if "train" in low else "val" if "val" in low else None
+
+
 def files_matching(root: Path, suffix: str) -> dict[str, list[Path]]:
-    """Files under `root` (recursively, sorted) ending in `suffix`, by split from their names: `train` -> train,
-    `validation` / `valid` / `val` -> val; others (test...) are left out."""
+    """Files under `root` (recursively, sorted) ending in `suffix`, by split: from the file's name, else from the
+    nearest folder under `root` whose name says one (`train/0000.tar`); others (test...) are left out."""
     out: dict[str, list[Path]] = {s: [] for s in SPLITS}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        folders = Path(dirpath).relative_to(root).parts
         for name in sorted(filenames):
             if not name.endswith(suffix) or name.startswith("."):
                 continue
-            low = name.lower()
-            split = "train" if "train" in low else "val" if "val" in low else None
+            split = split_of(name) or next((s for s in map(split_of, reversed(folders)) if s), None)
             if split:
                 out[split].append(Path(dirpath) / name)
     return out
