@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=500)
     p.add_argument("--set", dest="extra", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = p.parse_args(argv)
+    import pipeline.run.stages  # noqa: F401 - registers the built-in stages
     from pipeline.run.graph import stage_order
 
     work = Path(args.work).resolve()
