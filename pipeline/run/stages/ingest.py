@@ -175,7 +175,8 @@ class IngestStage(Stage):
     def plan(self, ctx: RunContext) -> list[Unit]:
         cfg = ctx.config.data
         source = self.source(ctx)
-        items = self._listing(ctx).items
+        listing = self._listing(ctx)
+        items = listing.items
         units = []
         for split in SPLITS:
             seq, seed = items[split], split_seed(cfg.shuffle_seed, split)
@@ -189,7 +190,7 @@ class IngestStage(Stage):
                 start += len(group)
             if source is not None and groups and len(seq) > len(groups[0]):
                 mixed = sorted(len({seq[j][1] for j in g}) for g in groups)[len(groups) // 2]
-                if mixed < min(len(self._listing(ctx).classes), 10) / 2:
+                if mixed < min(len(listing.classes), 10) / 2:
                     log.warning("ingest: the %s shards mix only %d classes each (median): %s stores this split "
                                 "sorted by class; raise data.shard_size to mix more of it per shard", split, mixed,
                                 cfg.source)
