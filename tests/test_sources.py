@@ -270,6 +270,18 @@ def test_a_parquet_source_runs_every_stage_and_its_names_reach_the_grids_summary
     assert overview.width > plain.width * max(1, 256 // plain.height)  # the names' column
     assert collect_main([str(ctx.run_dir)]) == 0
     assert "class-0002 (great white shark)" in capsys.readouterr().out
+    out = tmp_path / "export"
+    assert main(["export", str(ctx.run_dir), "--out", str(out)]) == 0
+    assert (out / "classes.txt").read_text().splitlines() == [f"{i:04d}\t{n}" for i, n in enumerate(NAMES)]
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["0000", "0001", "0002"]
+    assert main(["export", str(ctx.run_dir), "--out", str(out), "--force"]) == 0  # still a previous export
+
+
+def test_a_names_file_whose_ids_cannot_name_folders_is_refused(reference, tmp_path):
+    data = make_wds(reference[0], tmp_path / "wds")
+    (data / "classes.txt").write_text("a/b tench\nc goldfish\nd shark\n")
+    with pytest.raises(ConfigError, match="class id 'a/b' cannot name a folder"):
+        _ingest(data, tmp_path / "run")
 
 
 @pytest.mark.parametrize("fmt", ["ilsvrc", "webdataset", "parquet"])

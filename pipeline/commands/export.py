@@ -8,6 +8,8 @@ DIR gets:
 - `soft_labels/*.parquet`: the relabel stage's files, when the run stored soft labels;
 - `labels/`: what the method learned with the set, when it did (pad): `<unit>.labels.npy`, one float32 label
   vector (logits) per image in image-id order, and `set_values.json` (e.g. the learned step size `syn_lr`);
+- `classes.txt`: `<class id>\t<name>` per class, where the data had human-readable names (a names file ingest
+  reads back);
 - `config.json`: the run's resolved configuration;
 - `README.md`: a data-set card, YAML front matter (data set, method, IPC, classes, resolution, teacher,
   protocols, the cells' accuracies, the fairness metrics) and a short text;
@@ -84,7 +86,8 @@ def card(summary: dict[str, Any] | None, cfg: dict[str, Any], num_images: int) -
     return "\n".join(lines)
 
 
-EXPORT_ENTRIES = frozenset({"images", "soft_labels", "labels", "config.json", "README.md", "SHA256SUMS"})
+EXPORT_ENTRIES = frozenset({"images", "soft_labels", "labels", "classes.txt", "config.json", "README.md",
+                            "SHA256SUMS"})
 
 
 def is_export(folder: Path) -> bool:
@@ -147,7 +150,8 @@ def export_run(run_dir: str | Path, out: str | Path, force: bool = False) -> Pat
     if problems:
         raise ConfigError(f"{run_dir}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1
                                                           else "") + "; rerun `distill run` to repair it")
-    names = read_class_map(run_dir / "real")["classes"]
+    class_map = read_class_map(run_dir / "real")
+    names = class_map["classes"]
     index = read_index(synthetic_index_paths(run_dir, recover))
     images = IndexedImages(run_dir / SYNTHETIC_DIR, index)
     keys = images.keys
@@ -170,6 +174,9 @@ def export_run(run_dir: str | Path, out: str | Path, force: bool = False) -> Pat
         if learned:
             (tmp / "labels").mkdir(exist_ok=True)
             (tmp / "labels" / "set_values.json").write_text(json.dumps(learned, indent=1, sort_keys=True) + "\n")
+        if class_map.get("class_names"):  # `<id>\t<name>` per class: the names file ingest reads
+            (tmp / "classes.txt").write_text("".join(f"{i}\t{n}\n" for i, n in zip(names, class_map["class_names"],
+                                                                                   strict=True)))
         shutil.copyfile(run_dir / "config.json", tmp / "config.json")
         summary_path = run_dir / "results" / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None

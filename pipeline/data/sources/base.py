@@ -99,6 +99,9 @@ def read_names(path: Path) -> tuple[list[str], list[str]]:
         if not line or line.startswith("#"):
             continue
         parts = line.split(None, 1)
+        if parts[0] in (".", "..") or "/" in parts[0] or "\\" in parts[0]:
+            raise ConfigError(f"{path}: class id {parts[0]!r} cannot name a folder (exports write one folder per "
+                              "class); use ids without '/' or '\\'")
         ids.append(parts[0])
         names.append(parts[1].strip() if len(parts) > 1 else parts[0])
     if len(set(ids)) != len(ids):
