@@ -4,6 +4,7 @@ peak memory.
 
     python benchmarks/imagenet_full_path.py --work runs/in1k-path                      # dwa, 2 train + 1 val / class
     python benchmarks/imagenet_full_path.py --work runs/in1k-path --method rded --format parquet
+    python benchmarks/imagenet_full_path.py --work runs/in1k-path --format webdataset --stages ingest
 
 The folder (`<work>/data-<format>`) holds `--train`/`--val` JPEGs per class of `--height` x `--width` noise (ImageNet's
 typical 375 x 500 by default), in the layout `--format` names (imagefolder, ilsvrc, webdataset, parquet: the same
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val", type=int, default=1, help="val images per class")
     p.add_argument("--height", type=int, default=375)
     p.add_argument("--width", type=int, default=500)
+    p.add_argument("--stages", default="", help="comma-separated stages to run (default: all), e.g. ingest")
     p.add_argument("--set", dest="extra", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = p.parse_args(argv)
     import pipeline.run.stages  # noqa: F401 - registers the built-in stages
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in (*SHORT, f"squeeze.weights={teacher_file(work, args.classes)}", *args.extra):
         base += ["--set", item]
     rows = []
-    for stage in stage_order():
+    for stage in args.stages.split(",") if args.stages else stage_order():
         rc, wall, rss = run_stage([*base, "--stages", stage], work / f"{args.method}-{args.format}.log")
         rows.append((stage, rc, wall, rss))
         print(f"{stage}: exit {rc}, {wall:.1f} s, peak {rss:.0f} MiB", flush=True)
