@@ -191,7 +191,7 @@ class IngestStage(Stage):
             if source is not None and groups and len(seq) > len(groups[0]):
                 mixed = sorted(len({seq[j][1] for j in g}) for g in groups)[len(groups) // 2]
                 if mixed < min(len(listing.classes), 10) / 2:
-                    log.warning("ingest: the %s shards mix only %d classes each (median): %s stores this split "
+                    log.warning("ingest: the %s shards mix a median of only %d class(es) each: %s stores this split "
                                 "sorted by class; raise data.shard_size to mix more of it per shard", split, mixed,
                                 cfg.source)
         return units
