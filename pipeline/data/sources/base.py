@@ -183,3 +183,44 @@ def integer_classes(root: Path, labels: Sequence[int], names_from_data: list[str
         raise ConfigError(f"{root}: {what} hold no labels; add a classes.txt (one class per line)")
     width = max(4, len(str(count - 1)))
     return [f"{i:0{width}d}" for i in range(count)], list(names_from_data) if names_from_data else None
+
+
+class ShardFilesSource(Source):
+    """A source of shard files with integer labels (WebDataset tars, parquet files): its files by split, a per-file
+    fingerprint (name, size, modification time), and the listing's labels checked against the class range.
+    Subclasses set `suffix`, `what` (the files, in messages) and `missing` (what a split without files is told)."""
+
+    cheap_fingerprint = True
+    suffix = ""
+    what = ""
+    missing = ""
+
+    def files(self) -> dict[str, list[Path]]:
+        files = files_matching(self.root, self.suffix)
+        for split in SPLITS:
+            if not files[split]:
+                raise ConfigError(f"{self.root}: no {split} {self.missing}")
+        return files
+
+    def fingerprint(self, files: dict[str, list[Path]] | None = None) -> dict[str, Any]:
+        files = files or self.files()
+        groups = {s: {str(p.relative_to(self.root)): file_stat(p, self.root) for p in files[s]} for s in SPLITS}
+        return finish_fingerprint(self.root, self.format, [], groups)
+
+    def labelled(self, files: dict[str, list[Path]], raw: dict[str, list[tuple[Any, Any]]],
+                 names_from_data: list[str] | None, bad: list[str]) -> Listing:
+        """The listing of (reference, stored label) pairs: class ids and names (`integer_classes`), and every row
+        whose label is missing or outside the classes moved to `bad`."""
+        ints = [v for s in SPLITS for _, v in raw[s] if isinstance(v, int) and v >= 0]
+        classes, names = integer_classes(self.root, ints, names_from_data, self.what)
+        out = Listing(classes=classes, names=names, items={s: [] for s in SPLITS},
+                      fingerprint=self.fingerprint(files), bad=bad)
+        for split in SPLITS:
+            for ref, label in raw[split]:
+                if not isinstance(label, int):
+                    out.bad.append(f"{self.describe(ref)}: no label ({label!r})")
+                elif not 0 <= label < len(classes):
+                    out.bad.append(f"{self.describe(ref)}: label {label} is outside 0..{len(classes) - 1}")
+                else:
+                    out.items[split].append((ref, label))
+        return out

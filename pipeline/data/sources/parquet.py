@@ -20,16 +20,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import ConfigError
-from pipeline.data.sources.base import (
-    SPLITS,
-    Item,
-    Listing,
-    Source,
-    file_stat,
-    files_matching,
-    finish_fingerprint,
-    integer_classes,
-)
+from pipeline.data.sources.base import SPLITS, Item, Listing, ShardFilesSource
 
 IMAGE_COLUMNS = ("image", "img", "jpg")
 LABEL_COLUMNS = ("label", "labels", "cls")
@@ -58,27 +49,17 @@ def hf_label_names(schema: Any) -> list[str] | None:
     return None
 
 
-class ParquetSource(Source):
+class ParquetSource(ShardFilesSource):
     format = "parquet"
-    cheap_fingerprint = True
-
-    def _files(self) -> dict[str, list[Path]]:
-        files = files_matching(self.root, ".parquet")
-        for split in SPLITS:
-            if not files[split]:
-                raise ConfigError(f"{self.root}: no {split} files: data.format=parquet reads *.parquet files whose "
-                                  "names contain 'train' and 'validation' (or 'val'), as data/train-*.parquet")
-        return files
-
-    def fingerprint(self) -> dict[str, Any]:
-        files = self._files()
-        groups = {s: {str(p.relative_to(self.root)): file_stat(p, self.root) for p in files[s]} for s in SPLITS}
-        return finish_fingerprint(self.root, self.format, [], groups)
+    suffix = ".parquet"
+    what = "the parquet files"
+    missing = ("files: data.format=parquet reads *.parquet files whose names contain 'train' and 'validation' (or "
+               "'val'), as data/train-*.parquet")
 
     def scan(self) -> Listing:
         import pyarrow.parquet as pq
 
-        files = self._files()
+        files = self.files()
         raw: dict[str, list[tuple[list[Any], Any]]] = {s: [] for s in SPLITS}
         names = None
         for split in SPLITS:
@@ -94,19 +75,7 @@ class ParquetSource(Source):
                     n = pf.metadata.row_group(rg).num_rows
                     raw[split] += [([str(path), rg, r], labels[row + r]) for r in range(n)]
                     row += n
-        ints = [v for s in SPLITS for _, v in raw[s] if isinstance(v, int) and v >= 0]
-        classes, class_names = integer_classes(self.root, ints, names, "the parquet files")
-        out = Listing(classes=classes, names=class_names, items={s: [] for s in SPLITS},
-                      fingerprint=self.fingerprint())
-        for split in SPLITS:
-            for ref, label in raw[split]:
-                if not isinstance(label, int):
-                    out.bad.append(f"{self.describe(ref)}: no label ({label!r})")
-                elif not 0 <= label < len(classes):
-                    out.bad.append(f"{self.describe(ref)}: label {label} is outside 0..{len(classes) - 1}")
-                else:
-                    out.items[split].append((ref, label))
-        return out
+        return self.labelled(files, raw, names, [])
 
     def plan(self, items: Sequence[Item], shard_size: int, seed: int) -> list[list[int]]:
         """Whole row groups per shard: the row groups in a seeded order, taken until a shard holds `shard_size`

@@ -21,15 +21,7 @@ from typing import Any
 
 from pipeline.core.errors import ConfigError
 from pipeline.data.images import IMAGE_EXTS
-from pipeline.data.sources.base import (
-    SPLITS,
-    Listing,
-    Source,
-    file_stat,
-    files_matching,
-    finish_fingerprint,
-    integer_classes,
-)
+from pipeline.data.sources.base import SPLITS, Listing, ShardFilesSource
 
 WDS_IMAGE_EXTS = (*IMAGE_EXTS, "webp")
 OPEN_FILES = 32
@@ -92,44 +84,23 @@ def scan_tar(path: Path) -> tuple[list[tuple[str, int, int, int | None]], list[s
     return out, bad
 
 
-class WebDatasetSource(Source):
+class WebDatasetSource(ShardFilesSource):
     format = "webdataset"
-    cheap_fingerprint = True
-
-    def _files(self) -> dict[str, list[Path]]:
-        files = files_matching(self.root, ".tar")
-        for split in SPLITS:
-            if not files[split]:
-                raise ConfigError(f"{self.root}: no {split} shards: data.format=webdataset reads *.tar files whose "
-                                  "names contain 'train' and 'val' (or 'validation')")
-        return files
-
-    def fingerprint(self) -> dict[str, Any]:
-        """Per shard file: its name, size and modification time (cheap: the listing reads every shard's headers)."""
-        files = self._files()
-        groups = {s: {str(p.relative_to(self.root)): file_stat(p, self.root) for p in files[s]} for s in SPLITS}
-        return finish_fingerprint(self.root, self.format, [], groups)
+    suffix = ".tar"
+    what = "the shards"
+    missing = ("shards: data.format=webdataset reads *.tar files whose names contain 'train' and 'val' (or "
+               "'validation')")
 
     def scan(self) -> Listing:
-        files = self._files()
-        raw: dict[str, list[tuple[list[Any], int]]] = {s: [] for s in SPLITS}
+        files = self.files()
+        raw: dict[str, list[tuple[Any, Any]]] = {s: [] for s in SPLITS}
         bad: list[str] = []
         for split in SPLITS:
             for path in files[split]:
                 samples, tar_bad = scan_tar(path)
                 bad += tar_bad
                 raw[split] += [([str(path), off, size, key], label) for key, off, size, label in samples]
-        labels = [label for split in SPLITS for _, label in raw[split]]
-        classes, names = integer_classes(self.root, labels, None, "the shards")
-        out = Listing(classes=classes, names=names, items={s: [] for s in SPLITS}, fingerprint=self.fingerprint(),
-                      bad=bad)
-        for split in SPLITS:
-            for ref, label in raw[split]:
-                if 0 <= label < len(classes):
-                    out.items[split].append((ref, label))
-                else:
-                    out.bad.append(f"{self.describe(ref)}: label {label} is outside 0..{len(classes) - 1}")
-        return out
+        return self.labelled(files, raw, None, bad)
 
     def reader(self) -> Callable[[Any], bytes]:
         handles: OrderedDict[str, Any] = OrderedDict()  # the last OPEN_FILES shards read, kept open
