@@ -181,6 +181,9 @@ def test_an_expert_resumed_from_its_epoch_state_gives_the_same_snapshots():
     resumed = train_expert(spec, 0, x, y, rows, torch.device("cpu"), state=states[0])
     assert len(full["snapshots"]) == 4
     assert all(torch.equal(a, b) for a, b in zip(full["snapshots"], resumed["snapshots"], strict=True))
+    from pipeline.data.trajectories import flat_parameters
+
+    assert torch.equal(flat_parameters(resumed["network"]), full["snapshots"][-1])  # the trained module comes back
     other = train_expert(spec, 1, x, y, rows, torch.device("cpu"))
     assert not torch.equal(other["snapshots"][0], full["snapshots"][0])  # each expert its own init
 

@@ -131,7 +131,8 @@ def train_expert(spec: ExpertSpec, index: int, x_all: torch.Tensor, labels: torc
                  easy_first: Sequence[torch.Tensor], device: torch.device, state: dict[str, Any] | None = None,
                  on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train expert `index` for `spec.epochs` epochs, resuming from `state` (what `on_epoch` was last given);
-    returns the final state: {"epoch", "snapshots" [epochs + 1, P], "model", "opt", "history"}.
+    returns the final state: {"epoch", "snapshots" [epochs + 1, P], "model", "opt", "history"} and, under
+    "network", the trained module itself (on `device`; not part of what `on_epoch` is given).
 
     `on_epoch(state)` is called after every epoch with the state to resume from (the stage saves it)."""
     from pipeline.data.trajectories import flat_parameters
@@ -153,4 +154,4 @@ def train_expert(spec: ExpertSpec, index: int, x_all: torch.Tensor, labels: torc
                  "opt": opt.state_dict()}
         if on_epoch is not None:
             on_epoch(state)
-    return state
+    return {**state, "network": model}

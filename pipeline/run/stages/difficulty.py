@@ -98,11 +98,7 @@ class DifficultyWorker:
                                        seed=derive_seed(e.seed, "el2n"))  # not the experts' own inits
             every = [torch.arange(len(labels))]
             state = train_expert(spec, k, x, labels, every, self.device)
-            from pipeline.train.experts import new_expert
-
-            model, _ = new_expert(spec, k, self.device)
-            model.load_state_dict(state["model"])
-            model.eval()
+            model = state["network"].eval()
             with torch.no_grad():
                 probs = torch.cat([model(x[i:i + 512]).float().softmax(1) for i in range(0, len(x), 512)]).cpu()
             el2n = (probs - torch.nn.functional.one_hot(labels, probs.shape[1]).float()).norm(dim=1)

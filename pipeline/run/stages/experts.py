@@ -172,7 +172,7 @@ class ExpertsWorker:
 
     def run(self, unit: Unit) -> UnitResult:
         from pipeline.data.trajectories import expert_name, layout, read_trajectory, write_trajectory
-        from pipeline.train.experts import new_expert, train_expert
+        from pipeline.train.experts import train_expert
         from pipeline.train.trainloop import save_atomic
 
         ctx, index = self.ctx, int(unit.payload["index"])
@@ -205,7 +205,7 @@ class ExpertsWorker:
         with torch_threads(UNIT_THREADS):
             x, labels, easy_first = self.data()
             state = train_expert(spec, index, x, labels, easy_first, self.device, state, on_epoch=save)
-            names, shapes = layout(new_expert(spec, index, torch.device("cpu"))[0])
+            names, shapes = layout(state["network"])
         write_trajectory(path, torch.stack(state["snapshots"]), {**trajectory_meta(ctx), "index": index,
                                                                    "epochs": spec.epochs}, names, shapes)
         partial.unlink(missing_ok=True)
