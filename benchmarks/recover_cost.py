@@ -2,7 +2,7 @@
 ImageNet-1K projections (CPU core-hours from these figures; GPU-hours from the measured H200 figures).
 
     python benchmarks/recover_cost.py --json-dir runs/recover-cost          # runs two benches (~12 min, 2 cores)
-    python benchmarks/recover_cost.py --json-dir runs/recover-cost --only matching224   # DM at 224 px: 17 GB
+    python benchmarks/recover_cost.py --json-dir runs/recover-cost --only matching224   # DM, DataDAM, DC, DSA at 224 px
     python benchmarks/recover_cost.py --from runs/recover-cost              # only the table, from their JSON
 
 The `distill bench` runs (one torch thread, what a recover unit uses; the rows' `optimized` side, i.e. the
@@ -13,9 +13,10 @@ pipeline's CPU defaults):
 - 224 px: `--methods sre2l,dwa,cda,rded --model resnet18 --resolution 224 --classes 1000 --iterations 5
   --merge 0 --no-compile --rded-candidates 30 --rded-ipc 1` (eager: compiling ResNet-18 on a CPU costs minutes;
   RDED 30 x 5 crops for IPC 1 is again 150 forwards per image, 4 patches of 112 px each);
-- 224 px matching, only on request (`--only matching224`): `--methods dm --resolution 224 --classes 10
-  --iterations 10 --rounds 1` (ConvNet-3 at 224 px, one DM iteration per call; its peak resident memory was 17 GB,
-  and DataDAM's passed the 23 GB of the machine it was tried on, which is why it is left out).
+- 224 px matching, only on request (`--only matching224`): `--methods dm,datadam,dc,dsa --resolution 224 --classes
+  2 --iterations 10 --rounds 1` (ConvNet-3 at 224 px, one DM / DataDAM iteration or one DC / DSA outer step of both
+  classes per call; 2 classes, as their cost is per class: with 10, DM's resident memory reached 17 GB and
+  DataDAM's passed the 23 GB of the machine; with 2, the run peaks at about 7 GB, ~4 min).
 
 Seconds per image = the method's official iterations per image / its image-iterations per second (SRe2L 1000 at
 32 px as its CIFAR script, 4000 at 224 as its ImageNet one; CDA SRe2L's rate times the ratio of its own row, CDA's
@@ -41,11 +42,14 @@ BENCHES = {
     "recover224": ["--what", "recover", "--methods", "sre2l,dwa,cda,rded", "--model", "resnet18", "--resolution",
                    "224", "--classes", "1000", "--iterations", "5", "--merge", "0", "--no-compile",
                    "--rded-candidates", "30", "--rded-ipc", "1"],
-    "matching224": ["--what", "recover", "--methods", "dm", "--resolution", "224", "--classes", "10",
+    "matching224": ["--what", "recover", "--methods", "dm,datadam,dc,dsa", "--resolution", "224", "--classes", "2",
                     "--iterations", "10", "--rounds", "1"],
 }
 ITERATIONS = {32: {"sre2l": 1000, "cda": 1000, "dwa": 1000, "dm": 20000, "datadam": 8000, "dc": 1000, "dsa": 1000},
-              224: {"sre2l": 4000, "cda": 4000, "dwa": 2000, "dm": 20000, "datadam": 8000}}
+              224: {"sre2l": 4000, "cda": 4000, "dwa": 2000, "dm": 20000, "datadam": 8000, "dc": 1000, "dsa": 1000}}
+# A matching method's cost per image at IPC 1 does not carry to IPC 10 / 50 (its real batch per class and iteration
+# is shared by the class's images; DC / DSA change their loops with the IPC), so it gets no ImageNet projection.
+MATCHING = {"dm", "datadam", "dc", "dsa"}
 # Measured on one NVIDIA H200 (docs/benchmarks.md, "GPU figures"; RDED: the rded worker over decoded JPEGs with one
 # worker, issue 25): SRe2L 14,912 image-iterations/s at its GPU defaults; DWA 10,160 plus 0.185 s of ascent per
 # batch of 100; RDED 1.10 s per class at IPC 10 and 1.16 s at IPC 50 (75 % of it JPEG decode on one thread).
@@ -95,7 +99,8 @@ def table(results: dict[str, list[dict]]) -> str:
     for m in ORDER:
         a, b = s32.get(m), s224.get(m)
         # RDED's work is per class (300 x 5 crops scored for any IPC): 10 images' worth at 150 forwards each
-        core = [None if b is None else b * 1000 * (10 if m == "rded" else ipc) / 3600 for ipc in (10, 50)]
+        core = [None if b is None or m in MATCHING else b * 1000 * (10 if m == "rded" else ipc) / 3600
+                for ipc in (10, 50)]
         gpu = [GPU_HOURS[m](ipc) if m in GPU_HOURS else None for ipc in (10, 50)]
         lines.append(f"| {m} | {fmt(a, ',.1f')} | {fmt(b, ',.1f')} | {fmt(core[0], ',.0f')} | {fmt(core[1], ',.0f')} "
                      f"| {fmt(gpu[0], '.2f')} | {fmt(gpu[1], '.2f')} |")

@@ -94,3 +94,10 @@ def test_the_recover_cost_table_is_made_from_bench_rows(tmp_path: Path, capsys: 
     assert float(table["rded"][0]) == pytest.approx(1 / rows["recover/rded"]["optimized"], abs=0.051)
     assert float(table["dwa"][0].replace(",", "")) > 0 and table["dm"][0] == "-"  # no dm row in these
     assert table["sre2l"][4] == "0.75" and table["rded"][4] == "0.31"  # the H200 projections
+    # a matching method at 224 px: seconds per image at its official outer steps, and no ImageNet projection (its
+    # IPC-1 cost per image does not carry to IPC 10 / 50)
+    (tmp_path / "matching224.json").write_text(json.dumps([{**rows["recover/sre2l"], "what": "recover/dc",
+                                                            "optimized": 0.0654}]))
+    assert script.main(["--from", str(tmp_path)]) == 0
+    dc = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| dc "))
+    assert dc.split(" | ")[2:5] == ["15,290.5", "-", "-"]

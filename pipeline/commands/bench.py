@@ -297,7 +297,8 @@ def _fmt(r: Row) -> str:
         return "-" if v is None else format(v, spec)
 
     mib = "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.0f}"
-    return (f"{r.what:<21} {r.unit:<22} {num(r.baseline, '10.1f')} {num(r.optimized, '10.1f')} "
+    rate = "10.1f" if min(r.baseline or 1, r.optimized or 1) >= 1 else "10.3g"
+    return (f"{r.what:<21} {r.unit:<22} {num(r.baseline, rate)} {num(r.optimized, rate)} "
             f"{num(r.ratio, '6.2f')} {r.setup_s:8.1f} {num(r.ratio_per_unit, '8.2f')} {mib:>9}  {r.note}")
 
 
