@@ -100,6 +100,8 @@ def test_mtt_and_pad_run_end_to_end_sharing_their_experts(tiny, tmp_path):
     (["recover.method=mtt", "experts.epochs=10", "recover.mtt.max_start_epoch=9", "recover.mtt.expert_epochs=3"],
      "recover.mtt.max_start_epoch"),
     (["recover.method=pad", "recover.pad.syn_steps=0"], "syn_steps"),
+    (["recover.method=pad", "recover.ipc=10", "recover.pad.max_start_epoch=3", "recover.pad.start_upper=4"],
+     "recover.pad.start_upper"),
     (["recover.method=mtt", "recover.mtt.syn_steps=-1"], "syn_steps"),
     (["experts.schedule=easy"], "experts.schedule"),
     (["recover.method=pad", "experts.difficulty=teacher-loss", "squeeze.sample_stats=false"], "experts.difficulty"),
@@ -107,6 +109,24 @@ def test_mtt_and_pad_run_end_to_end_sharing_their_experts(tiny, tmp_path):
 def test_bad_trajectory_settings_are_refused_at_load(sets, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         fast_config(*sets)
+
+
+def test_pads_start_window_keeps_datms_proportions_when_shortened():
+    """auto start_upper / start_growth_iterations are the official CIFAR-10 values at the official max_start_epoch and
+    iterations, and the same shares of shortened ones (the demo's window at IPC 10 once started at 10 of a bound of 3,
+    past its 4-epoch experts: a run-time IndexError)."""
+    from pipeline.methods.pad import PadConfig
+
+    official = {i: (PadConfig().resolved(i)["start_upper"], PadConfig().resolved(i)["start_growth_iterations"])
+                for i in (1, 10, 50)}
+    assert official == {1: (0, 0), 10: (10, 1000), 50: (20, 2000)}
+    short = PadConfig(iterations=100, max_start_epoch=3)
+    assert (short.resolved(10)["start_upper"], short.resolved(10)["start_growth_iterations"]) == (2, 10)
+    assert (short.resolved(50)["start_upper"], short.resolved(50)["start_growth_iterations"]) == (2, 20)
+    assert short.resolved(1)["start_upper"] == 0
+    cfg = fast_config("recover.method=pad", "recover.ipc=10", "recover.pad.max_start_epoch=3",
+                      "recover.pad.expert_epochs=1", "experts.epochs=4")
+    assert cfg.recover.ipc == 10  # loads: the window stays inside the experts' 4 epochs
 
 
 def test_the_cli_exits_2_naming_the_key(tmp_path):

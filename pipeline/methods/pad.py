@@ -4,7 +4,8 @@ Distillation via Difficulty-Aligned Trajectory Matching", ICLR 2024; github.com/
 
 MTT's loop (`pipeline.methods.mtt`) with:
 * DATM's start-epoch window: t uniform in [min_start_epoch, upper), upper growing from `start_upper` to
-  max_start_epoch over `start_growth_iterations` iterations (IPC 1: fixed);
+  max_start_epoch over `start_growth_iterations` iterations (IPC 1: fixed; a shortened schedule keeps DATM's
+  proportions: at IPC 10 from half of max_start_epoch over the first tenth of the iterations);
 * DATM's learned soft labels: logits [IPC x C, C], initialized per image as the mean final-epoch logits of the
   experts that classify it correctly (all experts where none does), learned by SGD (lr_label, momentum 0.9);
   the inner loop's loss is CE against their softmax. They are stored with the set, and the `own` student protocol
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 # lr_lr, lr_label, loss_threshold, mask_ratio (syn_steps 80, lr_teacher 0.01, 10000 iterations throughout).
 PAD_ROWS = {1: (2, 4, 0, 0, 100.0, 1e-7, 5.0, 1.1, 0.0), 10: (2, 20, 10, 1000, 100.0, 1e-5, 2.0, 1.0, 0.5),
             50: (3, 40, 20, 2000, 1000.0, 1e-5, 2.0, 1.0, 0.25)}
+OFFICIAL_ITERATIONS = 10000
 PAD_KEYS = ("expert_epochs", "max_start_epoch", "start_upper", "start_growth_iterations", "lr_img", "lr_lr", "lr_label",
             "loss_threshold", "mask_ratio")
 MASK_CHOICES = ("loss-ratio", "deep-layers", "none")
@@ -54,9 +56,9 @@ class PadConfig:
     min_start_epoch: int = doc_field(0, "start epochs are drawn from [min_start_epoch, upper) (official 0)")
     max_start_epoch: int = doc_field(0, "the final upper bound of the start epoch; auto 4 / 20 / 40")
     start_upper: int = doc_field(-1, "the first upper bound, growing to max_start_epoch (0 = fixed window); "
-                                     "auto (-1) 0 / 10 / 20")
+                                     "auto (-1) 0 / 10 / 20, i.e. 0 / 1/2 / 1/2 of max_start_epoch")
     start_growth_iterations: int = doc_field(-1, "iterations over which the upper bound grows; auto (-1) 0 / 1000 / "
-                                                 "2000")
+                                                 "2000, i.e. 0 / 1/10 / 1/5 of iterations")
     lr_img: float = doc_field(0.0, "SGD lr of the images (momentum 0.5); auto 100 / 100 / 1000")
     lr_lr: float = doc_field(0.0, "SGD lr of the learned step size (momentum 0.5); auto 1e-7 / 1e-5 / 1e-5")
     lr_teacher: float = doc_field(0.01, "the step size's initial value (official 0.01)")
@@ -102,6 +104,14 @@ class PadConfig:
         # auto is -1 for the keys where 0 is a value, 0 for the others
         out = {k: v if getattr(self, k) == (-1 if k in MINUS_ONE_AUTO else 0) else getattr(self, k)
                for k, v in row.items()}
+        # DATM's growing window keeps its proportions when max_start_epoch or iterations are not the official ones
+        # (a shortened schedule): it starts at start_upper / max_start_epoch of the bound (1/2 at IPC 10 and 50) and
+        # grows over that share of the iterations (1/10, 1/5); at the official values these are the official ones
+        if self.start_upper == -1 and row["start_upper"]:
+            out["start_upper"] = round(row["start_upper"] * out["max_start_epoch"] / row["max_start_epoch"])
+        if self.start_growth_iterations == -1 and row["start_growth_iterations"]:
+            share = row["start_growth_iterations"] / OFFICIAL_ITERATIONS
+            out["start_growth_iterations"] = round(share * self.iterations)
         return {**out, "syn_steps": self.syn_steps, "lr_teacher": self.lr_teacher,
                 "min_start_epoch": self.min_start_epoch}
 
@@ -111,6 +121,11 @@ class PadConfig:
         if r["min_start_epoch"] >= r["max_start_epoch"]:
             raise ValueError(f"config key 'recover.pad.min_start_epoch' ({r['min_start_epoch']}) must be below "
                              f"max_start_epoch ({r['max_start_epoch']})")
+        if r["start_upper"] and not r["min_start_epoch"] < r["start_upper"] <= r["max_start_epoch"]:
+            raise ValueError(f"config key 'recover.pad.start_upper' ({r['start_upper']}): the start window's first upper "
+                             f"bound must be above min_start_epoch ({r['min_start_epoch']}) and at most max_start_epoch "
+                             f"({r['max_start_epoch']}); set it in that range, 0 for a fixed window, or -1 (auto: "
+                             "DATM's share of max_start_epoch)")
         if cfg.experts.schedule == "none":
             log.warning("recover.method=pad with experts.schedule=none: PAD trains its experts with its easy-first "
                         "data scheduler (experts.schedule=pad or auto)")
