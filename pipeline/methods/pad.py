@@ -50,7 +50,7 @@ MINUS_ONE_AUTO = ("start_upper", "start_growth_iterations", "mask_ratio")
 class PadConfig:
     """PAD's settings (`recover.pad.*`); 0 (or -1 where 0 is a value) = auto: PAD's CIFAR-10 value for the IPC."""
 
-    iterations: int = doc_field(10000, "outer iterations (official 10000)")
+    iterations: int = doc_field(OFFICIAL_ITERATIONS, "outer iterations (official 10000)")
     syn_steps: int = doc_field(80, "student steps per iteration (official 80)")
     expert_epochs: int = doc_field(0, "epochs of the expert the student's steps must cover; auto 2 / 2 / 3")
     min_start_epoch: int = doc_field(0, "start epochs are drawn from [min_start_epoch, upper) (official 0)")
