@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.commands.cli import main
 
@@ -101,3 +102,17 @@ def test_the_recover_cost_table_is_made_from_bench_rows(tmp_path: Path, capsys: 
     assert script.main(["--from", str(tmp_path)]) == 0
     dc = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| dc "))
     assert dc.split(" | ")[2:5] == ["15,290.5", "-", "-"]
+
+
+def test_slow_rates_keep_three_significant_digits_in_the_json_and_the_printed_line() -> None:
+    """A 224-px matching row runs at ~0.06 image-iterations/s: two decimals would store 0.06 for 0.0649 (an 8 %
+    error) and print 0.1; both the stored value and the printed one keep 3 significant digits below 1."""
+    from pipeline.commands.bench import _fmt
+    from pipeline.commands.bench_rows import make_row
+
+    row = make_row("recover/dm-224", "image-iterations/s", 0.064912, 0.0712345, torch.device("cpu"))
+    assert (row.baseline, row.optimized) == (0.0649, 0.0712)
+    assert "0.0649" in _fmt(row) and "0.0712" in _fmt(row)
+    fast = make_row("recover/sre2l", "image-iterations/s", 12.3456, 24.691, torch.device("cpu"))
+    assert (fast.baseline, fast.optimized) == (12.35, 24.69)
+    assert "12.3" in _fmt(fast) and "24.7" in _fmt(fast)

@@ -42,6 +42,7 @@ import torch
 
 from pipeline.commands.bench_rows import (
     RECOVER_METHODS,
+    SIG_DIGITS_BELOW,
     Row,
     bench_recover_cda,
     bench_recover_matching,
@@ -297,7 +298,8 @@ def _fmt(r: Row) -> str:
         return "-" if v is None else format(v, spec)
 
     mib = "-" if r.peak_memory_bytes is None else f"{r.peak_memory_bytes / 2**20:.0f}"
-    rate = "10.1f" if min(r.baseline or 1, r.optimized or 1) >= 1 else "10.3g"
+    small = min(r.baseline or SIG_DIGITS_BELOW, r.optimized or SIG_DIGITS_BELOW) < SIG_DIGITS_BELOW
+    rate = "10.3g" if small else "10.1f"
     return (f"{r.what:<21} {r.unit:<22} {num(r.baseline, rate)} {num(r.optimized, rate)} "
             f"{num(r.ratio, '6.2f')} {r.setup_s:8.1f} {num(r.ratio_per_unit, '8.2f')} {mib:>9}  {r.note}")
 

@@ -63,10 +63,14 @@ def make_row(what: str, unit: str, base: float, opt: float, device: torch.device
                round(setup_s, 2), per_unit, note)
 
 
+SIG_DIGITS_BELOW = 1.0
+"""Rates below this are kept (and printed) to 3 significant digits instead of 2 decimals."""
+
+
 def rate_digits(v: float) -> float:
-    """A rate kept to 2 decimals, or to 3 significant digits below 1 (a 224-px matching row runs at 0.06 image-
-    iterations/s, where 2 decimals would leave a 15 % step)."""
-    return round(v, 2) if abs(v) >= 1 else float(f"{v:.3g}")
+    """A rate kept to 2 decimals, or to 3 significant digits below `SIG_DIGITS_BELOW` (a 224-px matching row runs
+    at 0.06 image-iterations/s, where 2 decimals would leave a 15 % step)."""
+    return round(v, 2) if abs(v) >= SIG_DIGITS_BELOW else float(f"{v:.3g}")
 
 
 def bench_teacher(arch: str, classes: int, resolution: int, device: torch.device) -> torch.nn.Module:
