@@ -5,8 +5,8 @@ DC paper's MNIST numbers.
     python benchmarks/sanity_table.py --work runs/sanity --methods dm,dc --ipcs 1
 
 For each run seed the demo teacher is trained once (`<work>/teacher-s<seed>`: ingest + squeeze of the demo
-recipe with that seed; processes of one seed may run side by side once it is trained: each waits its turn to
-check it); each (method, IPC, seed) is a run directory cloned from it that runs recover, train
+recipe with that seed; processes of one seed may run side by side: a process waits while another trains or
+checks it); each (method, IPC, seed) is a run directory cloned from it that runs recover, train
 (`train.protocol=hard`) and evaluate with the demo recipe's settings, which shorten the matching methods (see
 `distill recipes demo`). The hard student's epochs are `--student-epochs` (default 300 for every method: the
 official 1000 for DSA-augmented sets is shortened). `--hard-augment dsa` trains every student with the DSA
@@ -43,22 +43,22 @@ COMMON = ["executor.kind=local", "data.num_workers=0", "eval.protocols=[]", "eva
 
 
 def teacher(work: Path, seed: int) -> Path:
-    from manifests.store import RunDirBusy
     from pipeline.commands.recipes import load_config
+    from pipeline.core.errors import RunDirInUse
     from pipeline.run.runner import run_pipeline
 
     run_dir = work / f"teacher-s{seed}"
-    attempt = 0
-    while True:  # another table process of this seed may be checking the teacher: a few seconds
-        try:
+    waited = False
+    while True:  # another table process of this seed trains or checks the teacher: wait for it (its lock goes
+        try:      # with the process, so a busy lock always has a live holder)
             run_pipeline(load_config("demo", overrides=[*COMMON, f"seed={seed}"]), run_dir,
                          stages=["ingest", "squeeze"], progress=False)
             return run_dir
-        except RunDirBusy:
-            attempt += 1
-            if attempt == 60 or not (run_dir / "manifests" / "squeeze" / "_stage.json").exists():
-                raise  # still busy after a minute, or busy training the teacher: run the seeds one by one
-            time.sleep(1.0)
+        except RunDirInUse as exc:
+            if not waited:
+                print(f"waiting for {run_dir}: {exc}", file=sys.stderr, flush=True)
+                waited = True
+            time.sleep(2.0)
 
 
 def _set_tag(extra: list[str]) -> str:

@@ -392,3 +392,18 @@ def test_a_record_lists_the_file_it_read_as_json(full_run: Path) -> None:
     raw = json.loads((full_run / "manifests" / "evaluate" / "job.json").read_text())
     assert any(i["uri"] == "checkpoints/students/kd-convnet-s0.pt" and len(i["sha256"]) == 64 and i["bytes"] > 0
                for i in raw["inputs"])
+
+
+def test_a_busy_run_directory_is_a_run_dir_in_use_error_that_callers_can_wait_on(tmp_path: Path) -> None:
+    """`run_pipeline` on a locked run directory raises RunDirInUse: a ConfigError (the CLI's exit 2) of its own
+    type, so the random-real baseline and the sanity table wait on exactly this and nothing else."""
+    from manifests.store import run_dir_lock
+    from pipeline.core.errors import ConfigError, RunDirInUse
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with run_dir_lock(run_dir):
+        with pytest.raises(RunDirInUse, match=f"{run_dir} is in use by another") as caught:
+            run_pipeline(Config(), run_dir, stages=["ingest"], progress=False)
+    assert isinstance(caught.value, ConfigError)
+    assert not (run_dir / "manifests").exists()

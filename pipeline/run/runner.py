@@ -27,6 +27,7 @@ from manifests.verify import ALWAYS_HASHED, DigestCache, stage_inputs
 from manifests.verify import record_problems as verify_records
 from pipeline import __version__
 from pipeline.config import Config, ConfigError
+from pipeline.core.errors import RunDirInUse
 from pipeline.run.base import Executor, Outcome, RunContext, Stage
 from pipeline.run.executors import LocalExecutor
 from pipeline.run.graph import StageGraph, pipeline_graph
@@ -365,7 +366,7 @@ def run_pipeline(
         with run_dir_lock(Path(run_dir)):  # one driver per run directory, held until the end of the run
             return _run_locked(cfg, Path(run_dir), names, fresh, executor, progress, graph)
     except RunDirBusy as exc:
-        raise ConfigError(str(exc)) from None
+        raise RunDirInUse(str(exc)) from None
 
 
 def _run_locked(cfg: Config, run_dir: Path, names: list[str], fresh: bool, executor: Executor | None,

@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from manifests.store import STAGE_RECORD, RunDirBusy
-from pipeline.core.errors import ConfigError
+from manifests.store import STAGE_RECORD
+from pipeline.core.errors import RunDirInUse
 from pipeline.run.base import RunContext, Stage, Unit, UnitResult
 from pipeline.run.graph import pipeline_graph, register_stage
 from pipeline.run.stages.common import SAMPLE_STATS, TEACHER, Cell, data_spec, digest_of, matrix, outputs_digest
@@ -167,9 +167,7 @@ class BaselineWorker:
                 run_pipeline(random_real_config(ctx), child, stages=list(CHILD_STAGES), executor=ctx.executor,
                              progress=False)
                 break
-            except ConfigError as exc:  # only the lock of a shared folder is waited for
-                if not isinstance(exc.__context__, RunDirBusy):
-                    raise
+            except RunDirInUse:  # only the lock of a shared folder is waited for
                 if not waited:
                     log.info("baseline random-real: %s is busy (another run is making it); waiting", child)
                     waited = True
