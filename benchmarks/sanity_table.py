@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import statistics
 import sys
@@ -89,6 +90,8 @@ def one_run(work: Path, method: str, ipc: int, seed: int, epochs: int, augment: 
     if len(protocols) > 1:
         overrides.append(f"eval.protocols=[{','.join(protocols)}]")
     t0 = time.time()
+    print(f"{time.strftime('%H:%M:%S')} {run_dir.name}: recover, train ({', '.join(protocols)}), evaluate "
+          f"(progress: {run_dir / 'logs'})", file=sys.stderr, flush=True)
     run_pipeline(load_config("demo", overrides=overrides), run_dir, progress=False)
     summary = json.loads((run_dir / "results" / "summary.json").read_text())
     recs = [json.loads(p.read_text()) for p in (run_dir / "manifests" / "recover").glob("c*.json")]
@@ -155,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.protocol or any(x not in ("hard", "own", "kd") for x in args.protocol.split(",")):
         p.error(f"--protocol: hard, own, kd or a comma-separated list of them, got {args.protocol!r}")
+    # each run's stage log goes to <run dir>/logs/driver.log (the console gets one line per run and the results);
+    # without a level the root logger drops INFO, and that file stayed empty
+    logging.getLogger().setLevel(logging.INFO)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     methods, ipcs = args.methods.split(","), [int(i) for i in args.ipcs.split(",")]
