@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import shutil
 import statistics
 import sys
@@ -158,9 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.protocol or any(x not in ("hard", "own", "kd") for x in args.protocol.split(",")):
         p.error(f"--protocol: hard, own, kd or a comma-separated list of them, got {args.protocol!r}")
-    # each run's stage log goes to <run dir>/logs/driver.log (the console gets one line per run and the results);
-    # without a level the root logger drops INFO, and that file stayed empty
-    logging.getLogger().setLevel(logging.INFO)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     methods, ipcs = args.methods.split(","), [int(i) for i in args.ipcs.split(",")]

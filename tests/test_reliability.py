@@ -407,3 +407,39 @@ def test_a_busy_run_directory_is_a_run_dir_in_use_error_that_callers_can_wait_on
             run_pipeline(Config(), run_dir, stages=["ingest"], progress=False)
     assert isinstance(caught.value, ConfigError)
     assert not (run_dir / "manifests").exists()
+
+
+def test_a_script_that_configures_no_logging_gets_the_run_log_and_keeps_its_console(teacher_run: Path,
+                                                                                     tmp_path: Path) -> None:
+    """run_pipeline called from a script whose root logger is at WARNING (Python's default): RUN_DIR/logs/driver.log
+    still holds the stages' INFO lines (it used to stay empty), the caller's handlers get the warnings and no INFO
+    record, and the project's loggers are as they were afterwards."""
+    import logging
+
+    from pipeline.run.runlog import PROJECT_LOGGERS
+
+    class Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    run_dir = clone_run(teacher_run, tmp_path / "run")
+    (run_dir / "logs" / "driver.log").unlink(missing_ok=True)
+    root, keep = logging.getLogger(), Keep()
+    old_level = root.level
+    root.setLevel(logging.WARNING)
+    root.addHandler(keep)
+    try:  # executor.kind=ray without an executor: the runner warns, then runs in-process (ingest is done: skipped)
+        run_pipeline(fast_config("executor.kind=ray"), run_dir, stages=["ingest"], progress=False)
+    finally:
+        root.removeHandler(keep)
+        root.setLevel(old_level)
+    text = (run_dir / "logs" / "driver.log").read_text()
+    assert "INFO distill: stage ingest:" in text and "WARNING distill: executor.kind=ray" in text
+    assert [r.levelno for r in keep.records if r.name.split(".")[0] in PROJECT_LOGGERS] == [logging.WARNING]
+    for name in PROJECT_LOGGERS:
+        lg = logging.getLogger(name)
+        assert (lg.level, lg.propagate, lg.handlers) == (logging.NOTSET, True, []), name

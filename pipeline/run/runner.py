@@ -31,6 +31,7 @@ from pipeline.core.errors import RunDirInUse
 from pipeline.run.base import Executor, Outcome, RunContext, Stage
 from pipeline.run.executors import LocalExecutor
 from pipeline.run.graph import StageGraph, pipeline_graph
+from pipeline.run.runlog import log_to_file
 
 log = logging.getLogger("distill")
 
@@ -373,7 +374,7 @@ def _run_locked(cfg: Config, run_dir: Path, names: list[str], fresh: bool, execu
                 progress: bool, graph: StageGraph) -> RunContext:
     ctx = open_context(cfg, run_dir, graph)
     prepare(ctx, fresh, graph, names)
-    handler = _log_to_file(ctx)
+    close_log = log_to_file(ctx.path("logs", "driver.log"))
     own_executor = executor is None
     if executor is None:
         if cfg.executor.kind == "ray":
@@ -387,23 +388,8 @@ def _run_locked(cfg: Config, run_dir: Path, names: list[str], fresh: bool, execu
     finally:
         if own_executor:
             executor.close()
-        if handler is not None:
-            logging.getLogger().removeHandler(handler)
-            handler.close()
+        close_log()
     return ctx
-
-
-def _log_to_file(ctx: RunContext) -> logging.Handler | None:
-    """Copy the driver's log into RUN_DIR/logs/driver.log for the duration of the run (returns the handler)."""
-    path = ctx.path("logs", "driver.log")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    root = logging.getLogger()
-    if any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path.resolve()) for h in root.handlers):
-        return None
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
-    return handler
 
 
 def status(cfg: Config, run_dir: Path, graph: StageGraph | None = None) -> list[StageStatus]:
