@@ -44,21 +44,14 @@ COMMON = ["executor.kind=local", "data.num_workers=0", "eval.protocols=[]", "eva
 
 def teacher(work: Path, seed: int) -> Path:
     from pipeline.commands.recipes import load_config
-    from pipeline.core.errors import RunDirInUse
     from pipeline.run.runner import run_pipeline
 
     run_dir = work / f"teacher-s{seed}"
-    waited = False
-    while True:  # another table process of this seed trains or checks the teacher: wait for it (its lock goes
-        try:      # with the process, so a busy lock always has a live holder)
-            run_pipeline(load_config("demo", overrides=[*COMMON, f"seed={seed}"]), run_dir,
-                         stages=["ingest", "squeeze"], progress=False)
-            return run_dir
-        except RunDirInUse as exc:
-            if not waited:
-                print(f"waiting for {run_dir}: {exc}", file=sys.stderr, flush=True)
-                waited = True
-            time.sleep(2.0)
+    # another table process of this seed may be training or checking the teacher: wait for it
+    run_pipeline(load_config("demo", overrides=[*COMMON, f"seed={seed}"]), run_dir, stages=["ingest", "squeeze"],
+                 progress=False, on_busy=lambda who: print(f"waiting for {run_dir}: in use by {who}",
+                                                           file=sys.stderr, flush=True))
+    return run_dir
 
 
 def _set_tag(extra: list[str]) -> str:

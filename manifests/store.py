@@ -17,7 +17,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -212,12 +212,14 @@ def _lock_holder(fd: int, wait_s: float = 1.0) -> dict[str, Any]:
 
 
 @contextmanager
-def run_dir_lock(run_dir: Path) -> Iterator[Path]:
+def run_dir_lock(run_dir: Path, on_busy: Callable[[str], None] | None = None) -> Iterator[Path]:
     """Hold an exclusive `flock` on RUN_DIR/.lock for the block: one driver per run directory.
 
     The kernel releases the lock when the holder exits, however it dies, so a killed driver never leaves
     the directory locked. The holder writes its host and pid into the file; a second caller gets
-    RunDirBusy naming them at once (no waiting). Readers (`distill status`, `distill collect`) take no lock.
+    RunDirBusy naming them at once (no waiting), or, with `on_busy`, has it called once with the holder's
+    description ("host H, pid P, since T") and then waits for the lock (callers that share a run directory on
+    purpose). Readers (`distill status`, `distill collect`) take no lock.
     """
     path = Path(run_dir) / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -231,8 +233,11 @@ def run_dir_lock(run_dir: Path) -> Iterator[Path]:
             who = (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, since "
                    f"{holder.get('started', '?')}") if holder else "a driver that is starting and has not yet " \
                                                                       "written its host and pid"
-            raise RunDirBusy(f"run directory {run_dir} is in use by another `distill run` ({who}); wait for it to "
-                             "end or stop it: its lock goes with the process") from None
+            if on_busy is None:
+                raise RunDirBusy(f"run directory {run_dir} is in use by another `distill run` ({who}); wait for it "
+                                 "to end or stop it: its lock goes with the process") from None
+            on_busy(who)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # blocks until the holder ends, however it ends
         info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode() + b"\n", 0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -443,3 +444,28 @@ def test_a_script_that_configures_no_logging_gets_the_run_log_and_keeps_its_cons
     for name in PROJECT_LOGGERS:
         lg = logging.getLogger(name)
         assert (lg.level, lg.propagate, lg.handlers) == (logging.NOTSET, True, []), name
+
+
+def test_a_caller_that_shares_a_run_directory_is_told_once_who_holds_it_and_waits_for_it(tmp_path: Path) -> None:
+    """run_dir_lock(on_busy=...): called once with the holder's host and pid, then the lock is taken as soon as the
+    holder lets it go (the random-real baseline and the sanity table's teachers wait this way)."""
+    import threading
+
+    from manifests.store import run_dir_lock
+
+    told: list[str] = []
+    taken_at: list[float] = []
+
+    def second() -> None:
+        with run_dir_lock(tmp_path, on_busy=told.append):
+            taken_at.append(time.monotonic())
+
+    with run_dir_lock(tmp_path):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        time.sleep(1.5)
+        assert waiter.is_alive() and not taken_at  # still waiting while held
+        released_at = time.monotonic()
+    waiter.join(timeout=30)
+    assert not waiter.is_alive() and taken_at and taken_at[0] >= released_at
+    assert len(told) == 1 and told[0].startswith(f"host {socket.gethostname()}, pid {os.getpid()}, since ")

@@ -7,5 +7,6 @@ class ConfigError(ValueError):
 
 
 class RunDirInUse(ConfigError):
-    """The run directory is locked by another live driver (exit code 2 like any ConfigError); callers that share a
-    run directory on purpose (the random-real baseline, the sanity table's teachers) catch it and wait."""
+    """The run directory is locked by another live driver (exit code 2 like any ConfigError). Callers that share a
+    run directory on purpose (the random-real baseline, the sanity table's teachers) pass `run_pipeline` an
+    `on_busy` and wait for the lock instead."""

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -352,19 +353,23 @@ def refuse_run_dir_in_data(cfg: Config, run_dir: Path) -> None:
 def run_pipeline(
     cfg: Config, run_dir: Path, stages: list[str] | None = None, fresh: bool = False,
     executor: Executor | None = None, progress: bool = True, graph: StageGraph | None = None,
+    on_busy: Callable[[str], None] | None = None,
 ) -> RunContext:
     """Run the selected stages in order (all by default), resuming what is done.
 
     `executor`: how units and DDP jobs run, made by the caller (the CLI uses `workers.make_executor`);
     None = the in-process `LocalExecutor`, closed at the end. An executor passed in is left open.
     `graph`: the stages (default: the pipeline's).
+    `on_busy`: None = a run directory another live driver holds is a RunDirInUse error (exit 2 on the CLI); a
+    callable = it is called once with the holder's description, then the run waits for the directory (callers
+    that share a run directory on purpose: the random-real baseline, the sanity table's teachers).
     """
     graph = graph or pipeline_graph()
     names = graph.select(stages)
     refuse_run_dir_in_data(cfg, Path(run_dir))
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     try:
-        with run_dir_lock(Path(run_dir)):  # one driver per run directory, held until the end of the run
+        with run_dir_lock(Path(run_dir), on_busy):  # one driver per run directory, held until the end of the run
             return _run_locked(cfg, Path(run_dir), names, fresh, executor, progress, graph)
     except RunDirBusy as exc:
         raise RunDirInUse(str(exc)) from None

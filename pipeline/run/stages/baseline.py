@@ -23,12 +23,10 @@ import json
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 from manifests.store import STAGE_RECORD
-from pipeline.core.errors import RunDirInUse
 from pipeline.run.base import RunContext, Stage, Unit, UnitResult
 from pipeline.run.graph import pipeline_graph, register_stage
 from pipeline.run.stages.common import SAMPLE_STATS, TEACHER, Cell, data_spec, digest_of, matrix, outputs_digest
@@ -160,18 +158,10 @@ class BaselineWorker:
                                "which hands the stage `run_pipeline`")
         child = random_real_dir(ctx)
         child.mkdir(parents=True, exist_ok=True)
-        waited = False
-        while True:
-            try:
-                share_upstream(ctx, child)
-                run_pipeline(random_real_config(ctx), child, stages=list(CHILD_STAGES), executor=ctx.executor,
-                             progress=False)
-                break
-            except RunDirInUse:  # only the lock of a shared folder is waited for
-                if not waited:
-                    log.info("baseline random-real: %s is busy (another run is making it); waiting", child)
-                    waited = True
-                time.sleep(10)
+        share_upstream(ctx, child)
+        run_pipeline(random_real_config(ctx), child, stages=list(CHILD_STAGES), executor=ctx.executor,
+                     progress=False, on_busy=lambda who: log.info(
+                         "baseline random-real: %s is busy (another run is making it: %s); waiting", child, who))
         summary = json.loads((child / "results" / "summary.json").read_text())
         try:
             where = os.path.relpath(child, ctx.run_dir)
